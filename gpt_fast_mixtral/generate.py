@@ -1,0 +1,295 @@
+"""Generation: batched prefill, incremental decode, per-row sampling and stopping, streaming.
+
+Also the command line: `python -m gpt_fast_mixtral.generate --checkpoint-path P --prompt TEXT ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gpt_fast_mixtral.checkpoint import load_model
+from gpt_fast_mixtral.model import Transformer
+from gpt_fast_mixtral.sampling import SamplingTensors, sample
+from gpt_fast_mixtral.tokenizer import IncrementalDetokenizer, Tokenizer
+
+TextCallback = Callable[[int, str], None]
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 is greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None  # None draws a fresh seed
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: list[int]
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    time_to_first_token_s: float = 0.0
+    total_time_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decode_time = self.total_time_s - self.time_to_first_token_s
+        return (len(self.tokens) - 1) / decode_time if len(self.tokens) > 1 and decode_time > 0 else 0.0
+
+
+class GenerationError(ValueError):
+    """A request the engine cannot run as given (too long, bad settings)."""
+
+
+@dataclass
+class _Row:
+    """One request's decoding state: its text, stop strings and what has been streamed."""
+
+    detokenizer: IncrementalDetokenizer
+    params: SamplingParams
+    eos_id: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+
+    def push(self, token: int) -> str:
+        """Take one generated token; return the text that is now safe to stream."""
+        self.tokens.append(token)
+        new_text = "" if token == self.eos_id else self.detokenizer.push(token)
+        if token == self.eos_id:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason:
+            new_text += self.detokenizer.flush()
+        self.text += new_text
+        if self._cut_at_stop_string(len(new_text)):
+            self.finish_reason = "stop"
+        end = len(self.text) if self.finish_reason else len(self.text) - self._held_back()
+        piece, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
+        return piece
+
+    def _cut_at_stop_string(self, new_chars: int) -> bool:
+        longest = max((len(s) for s in self.params.stop), default=0)
+        search_from = max(0, len(self.text) - new_chars - longest + 1)
+        hits = [i for s in self.params.stop if (i := self.text.find(s, search_from)) >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+        return bool(hits)
+
+    def _held_back(self) -> int:
+        """Length of the text's longest suffix that could still grow into a stop string."""
+        held = 0
+        for stop in self.params.stop:
+            for size in range(min(len(stop) - 1, len(self.text)), held, -1):
+                if self.text.endswith(stop[:size]):
+                    held = size
+                    break
+        return held
+
+
+class Engine:
+    """A model, its tokenizer and its KV cache: turns prompts into text, several rows at a time."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch_size: int = 1,
+                 max_seq_len: int | None = None, compile: bool = False, prefill_chunk: int = 2048) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        if tokenizer.vocab_size > model.args.vocab_size:
+            raise GenerationError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: "
+                "they do not belong together")
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len or min(model.args.max_position_embeddings, 4096)
+        self.prefill_chunk = prefill_chunk
+        self.device = model.device
+        model.setup_caches(max_batch_size, self.max_seq_len)
+        self._decode = self._decode_step
+        if compile and self.device.type == "cuda":
+            self._decode = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_path: str | Path, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.bfloat16, tokenizer_path: str | Path | None = None,
+                        **engine_kwargs: object) -> Engine:
+        checkpoint_path = Path(checkpoint_path)
+        tokenizer = Tokenizer(tokenizer_path or checkpoint_path.parent / "tokenizer.model")
+        model = load_model(checkpoint_path, device=device, dtype=dtype)
+        return cls(model, tokenizer, **engine_kwargs)  # type: ignore[arg-type]
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, bos=True)
+
+    def check(self, prompt_tokens: Sequence[int], params: SamplingParams) -> None:
+        """Raise GenerationError if the request cannot run; the message names what to change."""
+        if not prompt_tokens:
+            raise GenerationError("the prompt is empty")
+        if params.max_new_tokens < 1:
+            raise GenerationError("max_new_tokens must be at least 1")
+        total = len(prompt_tokens) + params.max_new_tokens
+        if total > self.max_seq_len:
+            raise GenerationError(
+                f"the prompt has {len(prompt_tokens)} tokens and max_new_tokens is {params.max_new_tokens}: "
+                f"{total} exceeds the context of {self.max_seq_len} tokens; shorten the prompt or lower "
+                "max_new_tokens")
+        if bad := [t for t in prompt_tokens if not 0 <= t < self.model.args.vocab_size]:
+            raise GenerationError(f"token id {bad[0]} is outside the vocabulary")
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams],
+                 on_text: TextCallback | None = None) -> list[GenerationResult]:
+        """Generate for every prompt in one batch; on_text(row, piece) streams text as it is final."""
+        if not 0 < len(prompts) <= self.max_batch_size or len(params) != len(prompts):
+            raise GenerationError(
+                f"got {len(prompts)} prompts and {len(params)} settings; the engine takes 1 to "
+                f"{self.max_batch_size} prompts with one settings object each")
+        start = time.perf_counter()
+        prompt_tokens = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for tokens, row_params in zip(prompt_tokens, params, strict=True):
+            self.check(tokens, row_params)
+        rows = [_Row(IncrementalDetokenizer(self.tokenizer), p, self.tokenizer.eos_id) for p in params]
+        settings = self._settings(params)
+        lengths = torch.tensor([len(t) for t in prompt_tokens], device=self.device)
+
+        logits = self._prefill(prompt_tokens, lengths)
+        steps = torch.zeros(len(rows), dtype=torch.int64, device=self.device)
+        next_tokens = sample(logits, settings, steps)
+        first_token_time: float | None = None
+        positions = lengths.clone()
+        while True:
+            host_tokens = next_tokens.tolist()
+            first_token_time = first_token_time or time.perf_counter()
+            for index, (row, token) in enumerate(zip(rows, host_tokens, strict=True)):
+                if row.finish_reason is None:
+                    piece = row.push(token)
+                    if piece and on_text is not None:
+                        on_text(index, piece)
+            if all(row.finish_reason for row in rows):
+                break
+            steps += 1
+            input_pos = positions.clamp(max=self.max_seq_len - 1)[:, None]
+            next_tokens = self._decode(next_tokens[:, None], input_pos, settings.temperature,
+                                       settings.top_k, settings.top_p, settings.seed, steps)
+            positions += 1
+        end = time.perf_counter()
+        return [GenerationResult(row.text, tokens, row.tokens, row.finish_reason or "length",
+                                 first_token_time - start, end - start)
+                for row, tokens in zip(rows, prompt_tokens, strict=True)]
+
+    def _settings(self, params: Sequence[SamplingParams]) -> SamplingTensors:
+        vocab = self.model.args.vocab_size
+        for p in params:
+            if p.temperature < 0 or (p.top_p is not None and not 0 < p.top_p <= 1) or (
+                    p.top_k is not None and p.top_k < 1):
+                raise GenerationError("temperature must be >= 0, top_p in (0, 1] and top_k >= 1")
+
+        def tensor(values: list, dtype: torch.dtype) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        return SamplingTensors(
+            temperature=tensor([p.temperature for p in params], torch.float32),
+            top_k=tensor([min(p.top_k or vocab, vocab) for p in params], torch.int64),
+            top_p=tensor([1.0 if p.top_p is None else p.top_p for p in params], torch.float32),
+            seed=tensor([random.getrandbits(62) if p.seed is None else p.seed & (2**62 - 1) for p in params],
+                        torch.int64),
+        )
+
+    def _prefill(self, prompt_tokens: list[list[int]], lengths: Tensor) -> Tensor:
+        """Run the prompts (right-padded) in chunks; return each row's logits at its last token [B, V]."""
+        batch, longest = len(prompt_tokens), max(len(t) for t in prompt_tokens)
+        tokens = torch.zeros(batch, longest, dtype=torch.int64)
+        for row, ids in enumerate(prompt_tokens):
+            tokens[row, :len(ids)] = torch.tensor(ids)
+        tokens = tokens.to(self.device)
+        positions = torch.arange(longest, device=self.device).expand(batch, longest)
+        last = lengths - 1
+        logits = torch.empty(batch, self.model.args.vocab_size, device=self.device)
+        for begin in range(0, longest, self.prefill_chunk):
+            end = min(begin + self.prefill_chunk, longest)
+            chunk_logits = self.model(tokens[:, begin:end], positions[:, begin:end], kv_len=end,
+                                      logits_index=(last - begin).clamp(0, end - begin - 1))[:, 0]
+            in_chunk = (last >= begin) & (last < end)
+            logits = torch.where(in_chunk[:, None], chunk_logits.float(), logits)
+        return logits
+
+    def _decode_step(self, tokens: Tensor, input_pos: Tensor, temperature: Tensor, top_k: Tensor,
+                     top_p: Tensor, seed: Tensor, steps: Tensor) -> Tensor:
+        logits = self.model(tokens, input_pos)[:, -1]
+        return sample(logits, SamplingTensors(temperature, top_k, top_p, seed), steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line.
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Generate text with a converted Mixtral checkpoint.")
+    parser.add_argument("--checkpoint-path", type=Path, required=True,
+                        help="model.pth or model_int8.pth (config.json and tokenizer.model beside it)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="KV cache length (default: prompt + max new tokens)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                            tuple(args.stop))
+    try:
+        tokenizer = Tokenizer(args.checkpoint_path.parent / "tokenizer.model")
+        prompt_tokens = tokenizer.encode(args.prompt, bos=True)
+        model = load_model(args.checkpoint_path, device=device, dtype=dtype)
+        max_seq_len = args.max_seq_len or min(len(prompt_tokens) + args.max_new_tokens,
+                                              model.args.max_position_embeddings)
+        engine = Engine(model, tokenizer, max_seq_len=max_seq_len, compile=args.compile)
+        stream = None if args.json else (lambda _row, piece: print(piece, end="", flush=True))
+        if stream:
+            print(args.prompt, end="", flush=True)
+        result = engine.generate([prompt_tokens], [params], on_text=stream)[0]
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"text": result.text, "prompt_tokens": result.prompt_tokens, "tokens": result.tokens,
+                          "finish_reason": result.finish_reason,
+                          "time_to_first_token_s": round(result.time_to_first_token_s, 6),
+                          "decode_tokens_per_s": round(result.decode_tokens_per_s, 3)}))
+    else:
+        print()
+        print(f"[{len(result.tokens)} tokens, {result.finish_reason}; first token after "
+              f"{result.time_to_first_token_s * 1000:.1f} ms, {result.decode_tokens_per_s:.1f} tok/s]",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Mixtral-shaped Mixture-of-Experts transformer in plain PyTorch.
+
+Every row of a batch carries its own positions (`input_pos`, shape [B, T]), so prompts of different
+lengths share one batch: a row is right-padded during prefill and the padding's cache entries are
+overwritten by that row's later tokens before any query of the row can see them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt_fast_mixtral.config import ModelArgs
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | None = None) -> None:
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v ([B, H, T, D]) at each row's positions; return the cache rows [B, H, S, D]."""
+        batch = k.shape[0]
+        index = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        k_cache, v_cache = self.k_cache[:batch], self.v_cache[:batch]
+        k_cache.scatter_(2, index, k)
+        v_cache.scatter_(2, index, v)
+        return k_cache, v_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 whatever the activation dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(args: ModelArgs, max_seq_len: int, device: torch.device | None = None) -> Tensor:
+    """cos and sin of every position, [max_seq_len, head_dim // 2, 2], float32."""
+    exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float32, device=device) / args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** exponents)
+    freqs = torch.arange(max_seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq
+    return torch.stack([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x ([B, T, H, D]) in the half-split layout (first half pairs with second half)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rotated.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.sliding_window = args.sliding_window
+        self.wqkv = nn.Linear(args.dim, args.qkv_out_features, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
+        batch, seq_len, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(batch, seq_len, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(batch, seq_len, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+
+        assert self.kv_cache is not None, "call Transformer.setup_caches() before running the model"
+        keys, values = self.kv_cache.update(input_pos, k, v)
+        if kv_len is not None:
+            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
+        mask = self._mask(input_pos, keys.shape[2])
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, q_size))
+
+    def _mask(self, input_pos: Tensor, kv_len: int) -> Tensor:
+        """[B, 1, T, S] True where a query may attend: causal per row, within the sliding window."""
+        key_pos = torch.arange(kv_len, device=input_pos.device)
+        query_pos = input_pos[:, None, :, None]
+        allowed = key_pos <= query_pos
+        if self.sliding_window is not None:
+            allowed = allowed & (query_pos - key_pos < self.sliding_window)
+        return allowed
+
+
+class ConditionalFeedForward(nn.Module):
+    """The experts of one layer, stacked: w1 (gate) and w3 (up) are [E, I, D], w2 (down) is [E, D, I].
+
+    Three ways to run them, chosen from static shapes so that a compiled decode step never syncs:
+    few tokens gather only their experts' weights; a decode batch that touches most experts runs
+    every expert densely (each weight read once); long inputs (prefill) group tokens by expert.
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        experts, inter, dim = args.num_experts, args.intermediate_size, args.dim
+        self.w1 = nn.Parameter(torch.empty(experts, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(experts, dim, inter))
+        self.w3 = nn.Parameter(torch.empty(experts, inter, dim))
+        self.dense_max_tokens = 64
+
+    def expert_weight(self, name: str, index: Tensor | int | slice, dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor | None]:
+        """Weights of the selected experts in `dtype`, and per-output-channel scales if quantized."""
+        return getattr(self, name)[index], None
+
+    def forward(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor:
+        num_tokens, top_k = expert_indices.shape
+        num_experts = self.w1.shape[0]
+        if num_tokens * top_k < num_experts:
+            return self._gathered(x, expert_weights, expert_indices)
+        if num_tokens <= self.dense_max_tokens:
+            return self._dense(x, expert_weights, expert_indices)
+        return self._grouped(x, expert_weights, expert_indices)
+
+    def _project(self, x: Tensor, name: str, index: Tensor | int | slice, equation: str) -> Tensor:
+        weight, scale = self.expert_weight(name, index, x.dtype)
+        out = torch.einsum(equation, x, weight)
+        return out if scale is None else out * scale
+
+    def _gathered(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor:
+        gate = self._project(x, "w1", expert_indices, "nd,nkid->nki")
+        up = self._project(x, "w3", expert_indices, "nd,nkid->nki")
+        down = self._project(F.silu(gate) * up, "w2", expert_indices, "nki,nkdi->nkd")
+        return torch.einsum("nkd,nk->nd", down, expert_weights)
+
+    def _dense(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor:
+        everything = slice(None)
+        gate = self._project(x, "w1", everything, "nd,eid->nei")
+        up = self._project(x, "w3", everything, "nd,eid->nei")
+        down = self._project(F.silu(gate) * up, "w2", everything, "nei,edi->ned")
+        routing = torch.zeros(x.shape[0], down.shape[1], dtype=down.dtype, device=x.device)
+        routing.scatter_(1, expert_indices, expert_weights)
+        return torch.einsum("ned,ne->nd", down, routing)
+
+    def _grouped(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor:
+        top_k = expert_indices.shape[1]
+        flat_experts = expert_indices.flatten()
+        order = flat_experts.argsort(stable=True)
+        token_of = order // top_k
+        counts = torch.bincount(flat_experts, minlength=self.w1.shape[0]).tolist()  # one sync per layer
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[start:start + count]
+            tokens = x[rows]
+            gate = self._project(tokens, "w1", expert, "nd,id->ni")
+            up = self._project(tokens, "w3", expert, "nd,id->ni")
+            down = self._project(F.silu(gate) * up, "w2", expert, "ni,di->nd")
+            weights = expert_weights.flatten()[order[start:start + count]]
+            out.index_add_(0, rows, down * weights[:, None])
+            start += count
+        return out
+
+
+class MOEFeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.top_k = args.num_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.num_experts, bias=False)
+        self.cond_ffn = ConditionalFeedForward(args)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Softmax in float32, top-k, renormalise: routing weights [N, k] (x's dtype) and expert ids."""
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), indices
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices = self.route(x)
+        return self.cond_ffn(x, weights, indices).reshape(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.block_sparse_moe = MOEFeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len)
+        return h + self.block_sparse_moe(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.max_batch_size = 0
+        self.max_seq_len = 0
+        self.register_buffer("rope", None, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate the static KV cache; the context is capped at the model's position limit."""
+        if max_seq_len > self.args.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
+                f"{self.args.max_position_embeddings}")
+        if (max_batch_size, max_seq_len) == (self.max_batch_size, self.max_seq_len):
+            return
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.args.n_kv_heads,
+                                               self.args.head_dim, self.dtype, self.device)
+        self.rope = rope_tables(self.args, max_seq_len, self.device)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None,
+                logits_index: Tensor | None = None) -> Tensor:
+        """Logits for tokens [B, T] at positions input_pos [B, T].
+
+        kv_len limits attention to the first kv_len cache slots (all slots when None, which a
+        CUDA-graph decode step needs); logits_index [B] keeps only one position per row.
+        """
+        rope = self.rope[input_pos]
+        cos, sin = rope[..., 0].unsqueeze(2), rope[..., 1].unsqueeze(2)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, kv_len)
+        if logits_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_index][:, None]
+        return self.output(self.norm(x))

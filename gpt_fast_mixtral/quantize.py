@@ -1,0 +1,141 @@
+"""Int8 weight-only quantization, as a transform that swaps modules of the plain model.
+
+Weights are symmetric int8 with one scale per output channel (per expert and channel for the experts),
+scales in bf16. The router gate, the norms and the embedding stay in high precision: routing decisions
+are discrete, and an error there changes which experts run, not just the output's last bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gpt_fast_mixtral.checkpoint import (
+    CheckpointError,
+    is_int8_state_dict,
+    meta_model,
+    model_layout,
+    write_streaming,
+)
+from gpt_fast_mixtral.config import load_model_args
+from gpt_fast_mixtral.model import ConditionalFeedForward, MOEFeedForward, Transformer
+
+SCALE_DTYPE = torch.bfloat16
+
+
+def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 over the last (input) dimension: returns int8 weight and scales [..., out]."""
+    weight32 = weight.float()
+    scales = weight32.abs().amax(dim=-1).clamp(min=1e-10) / 127.0
+    scales = scales.to(SCALE_DTYPE)
+    # Quantize with the rounded bf16 scales so that dequantisation uses exactly the stored numbers.
+    quantized = torch.round(weight32 / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return quantized, scales
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+
+class ConditionalFeedForwardInt8(ConditionalFeedForward):
+    def __init__(self, experts: int, inter: int, dim: int, device: torch.device | None = None) -> None:
+        nn.Module.__init__(self)
+        shapes = {"w1": (experts, inter, dim), "w2": (experts, dim, inter), "w3": (experts, inter, dim)}
+        for name, shape in shapes.items():
+            self.register_buffer(name, torch.empty(shape, dtype=torch.int8, device=device))
+            self.register_buffer(f"{name}_scales", torch.empty(shape[:2], dtype=SCALE_DTYPE, device=device))
+        self.dense_max_tokens = 64
+
+    def expert_weight(self, name: str, index: Tensor | int | slice, dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor | None]:
+        return getattr(self, name)[index].to(dtype), getattr(self, f"{name}_scales")[index].to(dtype)
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """Swap every projection but the router gates for its int8 version, in place.
+
+    On a model on the meta device this only changes the layout (for loading an int8 checkpoint);
+    on a real model it quantizes the weights.
+    """
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(module, MOEFeedForward) and child_name == "gate":
+                continue
+            if isinstance(child, nn.Linear):
+                setattr(module, child_name, _int8_linear(child))
+            elif isinstance(child, ConditionalFeedForward) and not isinstance(child, ConditionalFeedForwardInt8):
+                setattr(module, child_name, _int8_experts(child))
+    return model
+
+
+def _int8_linear(linear: nn.Linear) -> WeightOnlyInt8Linear:
+    quantized = WeightOnlyInt8Linear(linear.in_features, linear.out_features, device=linear.weight.device)
+    if linear.weight.device.type != "meta":
+        quantized.weight, quantized.scales = quantize_per_channel(linear.weight.detach())
+    return quantized
+
+
+def _int8_experts(experts: ConditionalFeedForward) -> ConditionalFeedForwardInt8:
+    num_experts, inter, dim = experts.w1.shape
+    quantized = ConditionalFeedForwardInt8(num_experts, inter, dim, device=experts.w1.device)
+    if experts.w1.device.type != "meta":
+        for name in ("w1", "w2", "w3"):
+            weight, scales = quantize_per_channel(getattr(experts, name).detach())
+            setattr(quantized, name, weight)
+            setattr(quantized, f"{name}_scales", scales)
+    return quantized
+
+
+def quantize_checkpoint(checkpoint_path: str | Path, mode: str = "int8", output_path: str | Path | None = None,
+                        device: str | torch.device | None = None) -> Path:
+    """Quantize our `model.pth` to `model_int8.pth`, one tensor at a time (on the GPU when there is one)."""
+    if mode != "int8":
+        raise ValueError(f"unsupported quantization mode {mode!r}; supported: int8")
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise CheckpointError(
+            f"{checkpoint_path} does not exist: run scripts/convert_hf_checkpoint.py first")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = load_model_args(checkpoint_path.parent)
+    source = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
+    if is_int8_state_dict(source):
+        raise CheckpointError(f"{checkpoint_path} is already int8; quantize the bf16 model.pth instead")
+    layout = model_layout(quantize_int8(meta_model(args)))
+    for name, (shape, dtype) in layout.items():
+        if name.endswith("scales"):
+            continue
+        if name not in source or source[name].shape != shape:
+            raise CheckpointError(
+                f"{checkpoint_path} does not match its config.json at {name}; convert the checkpoint again")
+        if dtype != torch.int8:  # norms, embedding and router gate keep the source's precision
+            layout[name] = (shape, source[name].dtype)
+    output_path = Path(output_path) if output_path else checkpoint_path.with_name(
+        checkpoint_path.stem + "_int8.pth")
+
+    def produce() -> Iterator[tuple[str, Tensor]]:
+        for name, (_, dtype) in layout.items():
+            if name.endswith("scales"):
+                continue  # written together with its weight
+            tensor = source[name]
+            if dtype == torch.int8:
+                quantized, scales = quantize_per_channel(tensor.to(device))
+                yield name, quantized.cpu()
+                scale_name = name[: -len("weight")] + "scales" if name.endswith(".weight") else f"{name}_scales"
+                yield scale_name, scales.cpu()
+            else:
+                yield name, tensor
+
+    write_streaming(output_path, layout, produce())
+    return output_path
