@@ -1,9 +1,10 @@
 """Fetch a Mixtral checkpoint from the Hugging Face Hub into a plain directory for the convert step.
 
-Files always land in the shared Hugging Face cache first and are then hard-linked (copied where a link is
-impossible) into `checkpoint_dir`. Going through the cache rather than `snapshot_download(local_dir=...)`
-buys three things: finished files are never fetched twice, several checkpoint directories share one copy,
-and `HF_HUB_OFFLINE=1` works, because huggingface_hub 2.4 resolves offline snapshots in cache mode only.
+Files always land in the shared Hugging Face cache first; `checkpoint_dir` then gets hard links to the
+weights (copies where a link is impossible) and private copies of the small files. Going through the cache
+rather than `snapshot_download(local_dir=...)` buys three things: finished files are never fetched twice,
+several checkpoint directories share one copy of the weights, and `HF_HUB_OFFLINE=1` works, because
+huggingface_hub 2.4 resolves offline snapshots in cache mode only.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+from huggingface_hub import HfApi, constants, get_token, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
+    IncompleteSnapshotError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
@@ -48,6 +50,10 @@ _MIN_HEADROOM_BYTES = 1 * 10**9
 _HEADROOM_FRACTION = 0.05
 # huggingface_hub's HTTP client has no timeout by default: without one a black-holed network hangs forever.
 _API_TIMEOUT_S = 60.0
+# A hard link shares its bytes with the cache blob, so an in-place edit of the checkpoint's copy (vim does
+# that to files with several links) would silently change the cache too. Only weights, which nobody edits
+# and which are too big to copy, are linked; config and tokenizer files get private copies.
+_LINK_MIN_BYTES = 64 * 2**20
 
 
 class DownloadError(RuntimeError):
@@ -162,6 +168,11 @@ def download(
         _place(snapshot, files, checkpoint_dir)
     except DownloadError:
         raise
+    except IncompleteSnapshotError as error:
+        raise DownloadError(
+            f"the cached snapshot of {repo_id} in {cache_dir} is incomplete ({_first_line(error)}); run once "
+            "with network access to finish it"
+        ) from error
     except LocalEntryNotFoundError as error:
         if offline:
             raise DownloadError(
@@ -173,7 +184,8 @@ def download(
     except (httpx2.TransportError, OfflineModeIsEnabled, RevisionResolutionError) as error:
         raise _network_error(repo_id, where, error) from error
     except (HfHubHTTPError, HFValidationError) as error:
-        raise _explain_hub_error(error, repo_id, revision, where, token_given=hf_token is not None) from error
+        token_sent = (hf_token or get_token()) is not None  # the hub falls back to HF_TOKEN / stored login
+        raise _explain_hub_error(error, repo_id, revision, where, token_given=token_sent) from error
     except OSError as error:
         # Disk full mid-file, permissions, a size mismatch the hub caught: the cache keeps finished files.
         raise DownloadError(
@@ -306,14 +318,20 @@ def _link_or_copy(source: Path, target: Path) -> None:
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     partial.unlink(missing_ok=True)
     try:
-        try:
-            os.link(source, partial)
-        except OSError:  # another filesystem, or one without hard links
-            logger.info("Copying %s (%.2f GB)", target.name, source.stat().st_size / _GB)
+        if source.stat().st_size < _LINK_MIN_BYTES or not _hard_link(source, partial, target.name):
             shutil.copyfile(source, partial)
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _hard_link(source: Path, target: Path, name: str) -> bool:
+    try:
+        os.link(source, target)
+        return True
+    except OSError as error:  # another filesystem, or a cache owned by someone else (protected_hardlinks)
+        logger.info("Copying %s instead of hard-linking it (%s)", name, error.strerror or error)
+        return False
 
 
 def _first_line(error: BaseException) -> str:

@@ -117,9 +117,12 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.device = model.device
         model.setup_caches(max_batch_size, self.max_seq_len)
-        self._decode = self._decode_step
+        self._decode_greedy, self._decode_logits = self._greedy_step, self._logits_step
         if compile and self.device.type == "cuda":
-            self._decode = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
+            # The whole step becomes one CUDA graph. Sampling with top-p stays outside it: Inductor
+            # (torch 2.11) cannot fuse the vocabulary-long cumsum with a reduction.
+            self._decode_greedy = torch.compile(self._greedy_step, mode="reduce-overhead", fullgraph=True)
+            self._decode_logits = torch.compile(self._logits_step, mode="reduce-overhead", fullgraph=True)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_path: str | Path, *, device: str | torch.device = "cpu",
@@ -162,6 +165,7 @@ class Engine:
             self.check(tokens, row_params)
         rows = [_Row(IncrementalDetokenizer(self.tokenizer), p, self.tokenizer.eos_id) for p in params]
         settings = self._settings(params)
+        greedy = all(p.temperature == 0 for p in params)
         lengths = torch.tensor([len(t) for t in prompt_tokens], device=self.device)
 
         logits = self._prefill(prompt_tokens, lengths)
@@ -181,8 +185,10 @@ class Engine:
                 break
             steps += 1
             input_pos = positions.clamp(max=self.max_seq_len - 1)[:, None]
-            next_tokens = self._decode(next_tokens[:, None], input_pos, settings.temperature,
-                                       settings.top_k, settings.top_p, settings.seed, steps)
+            if greedy:
+                next_tokens = self._decode_greedy(next_tokens[:, None], input_pos).clone()
+            else:
+                next_tokens = sample(self._decode_logits(next_tokens[:, None], input_pos), settings, steps)
             positions += 1
         end = time.perf_counter()
         return [GenerationResult(row.text, tokens, row.tokens, row.finish_reason or "length",
@@ -225,10 +231,11 @@ class Engine:
             logits = torch.where(in_chunk[:, None], chunk_logits.float(), logits)
         return logits
 
-    def _decode_step(self, tokens: Tensor, input_pos: Tensor, temperature: Tensor, top_k: Tensor,
-                     top_p: Tensor, seed: Tensor, steps: Tensor) -> Tensor:
-        logits = self.model(tokens, input_pos)[:, -1]
-        return sample(logits, SamplingTensors(temperature, top_k, top_p, seed), steps)
+    def _greedy_step(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return self.model(tokens, input_pos)[:, -1].argmax(dim=-1)
+
+    def _logits_step(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return self.model(tokens, input_pos)[:, -1].float()
 
 
 # ---------------------------------------------------------------------------------------------------
