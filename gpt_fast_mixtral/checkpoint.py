@@ -187,20 +187,24 @@ def write_streaming(path: Path, layout: dict[str, tuple[torch.Size, torch.dtype]
     partial = path.with_name(path.name + ".partial")
     with FakeTensorMode():
         skeleton = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in layout.items()}
-    with torch.serialization.skip_data(materialize_fake_tensors=True):
-        torch.save(skeleton, partial)
-    del skeleton
-    written: set[str] = set()
-    with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
-        target = torch.load(partial, mmap=True, weights_only=True)
-    for name, tensor in tensors:
-        if name not in target or name in written:
-            raise CheckpointError(f"internal error: unexpected or repeated tensor {name}")
-        target[name].copy_(tensor)
-        written.add(name)
-    del target
-    if written != layout.keys():
-        raise CheckpointError(f"internal error: {len(layout) - len(written)} tensors were never written")
+    try:
+        with torch.serialization.skip_data(materialize_fake_tensors=True):
+            torch.save(skeleton, partial)
+        del skeleton
+        written: set[str] = set()
+        with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):
+            target = torch.load(partial, mmap=True, weights_only=True)
+        for name, tensor in tensors:
+            if name not in target or name in written:
+                raise CheckpointError(f"internal error: unexpected or repeated tensor {name}")
+            target[name].copy_(tensor)
+            written.add(name)
+        del target
+        if written != layout.keys():
+            raise CheckpointError(f"internal error: {len(layout) - len(written)} tensors were never written")
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a half-written file can be as large as the model: don't leave it
+        raise
     partial.replace(path)  # only a complete file ever carries the final name
     return path
 

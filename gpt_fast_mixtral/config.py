@@ -98,6 +98,10 @@ class ModelArgs:
         moe = params.get("moe")
         if not moe:
             raise ConfigError("params.json has no 'moe' section: it describes a dense model, not a MoE")
+        missing = [key for key in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim") if key not in params]
+        missing += [f"moe.{key}" for key in ("num_experts", "num_experts_per_tok") if key not in moe]
+        if missing:
+            raise ConfigError(f"params.json lacks {', '.join(missing)}: it does not describe a Mixtral model")
         n_heads = params["n_heads"]
         return cls(
             vocab_size=params["vocab_size"],

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt_fast_mixtral.config import ModelArgs
+from gpt_fast_mixtral.kernels import moe as fused_moe_kernels
 
 
 class KVCache(nn.Module):
@@ -25,11 +26,12 @@ class KVCache(nn.Module):
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v ([B, H, T, D]) at each row's positions; return the cache rows [B, H, S, D]."""
         batch = k.shape[0]
-        index = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        k_cache, v_cache = self.k_cache[:batch], self.v_cache[:batch]
-        k_cache.scatter_(2, index, k)
-        v_cache.scatter_(2, index, v)
-        return k_cache, v_cache
+        # index_put_ on the whole buffer writes B*T rows in place; a scatter_ into a batch slice made
+        # Inductor copy the entire cache on every step.
+        rows = torch.arange(batch, device=input_pos.device)[:, None]
+        self.k_cache[rows, :, input_pos] = k.transpose(1, 2)
+        self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k_cache[:batch], self.v_cache[:batch]
 
 
 class RMSNorm(nn.Module):
@@ -100,9 +102,10 @@ class Attention(nn.Module):
 class ConditionalFeedForward(nn.Module):
     """The experts of one layer, stacked: w1 (gate) and w3 (up) are [E, I, D], w2 (down) is [E, D, I].
 
-    Three ways to run them, chosen from static shapes so that a compiled decode step never syncs:
-    few tokens gather only their experts' weights; a decode batch that touches most experts runs
-    every expert densely (each weight read once); long inputs (prefill) group tokens by expert.
+    On CUDA, decode-sized inputs go through the fused Triton kernels (kernels/moe.py). The PyTorch
+    paths, chosen from static shapes so that a compiled decode step never syncs: few tokens gather
+    only their experts' weights; a decode batch that touches most experts runs every expert densely
+    (each weight read once); long inputs (prefill) group tokens by expert.
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -112,6 +115,11 @@ class ConditionalFeedForward(nn.Module):
         self.w2 = nn.Parameter(torch.empty(experts, dim, inter))
         self.w3 = nn.Parameter(torch.empty(experts, inter, dim))
         self.dense_max_tokens = 64
+        self.fused_max_tokens = 64
+
+    def fused_scales(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Per-output-channel scales of w1, w2, w3 for the fused kernel (None: weights are not quantized)."""
+        return None
 
     def expert_weight(self, name: str, index: Tensor | int | slice, dtype: torch.dtype
                       ) -> tuple[Tensor, Tensor | None]:
@@ -121,6 +129,9 @@ class ConditionalFeedForward(nn.Module):
     def forward(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor:
         num_tokens, top_k = expert_indices.shape
         num_experts = self.w1.shape[0]
+        if num_tokens <= self.fused_max_tokens and fused_moe_kernels.available(x):
+            return fused_moe_kernels.fused_moe(x, self.w1, self.w2, self.w3, expert_weights, expert_indices,
+                                               self.fused_scales())
         if num_tokens * top_k < num_experts:
             return self._gathered(x, expert_weights, expert_indices)
         if num_tokens <= self.dense_max_tokens:

@@ -56,6 +56,10 @@ class ConditionalFeedForwardInt8(ConditionalFeedForward):
             self.register_buffer(name, torch.empty(shape, dtype=torch.int8, device=device))
             self.register_buffer(f"{name}_scales", torch.empty(shape[:2], dtype=SCALE_DTYPE, device=device))
         self.dense_max_tokens = 64
+        self.fused_max_tokens = 64
+
+    def fused_scales(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.w1_scales, self.w2_scales, self.w3_scales
 
     def expert_weight(self, name: str, index: Tensor | int | slice, dtype: torch.dtype
                       ) -> tuple[Tensor, Tensor | None]:

@@ -28,8 +28,11 @@ def uniform_noise(seeds: Tensor, steps: Tensor, vocab_size: int) -> Tensor:
     row = _mix32(seeds ^ _mix32((seeds >> 32) + 0x3C6EF372))
     row = _mix32(row ^ _mix32(steps + 0x1B873593))
     token = _mix32(torch.arange(vocab_size, device=seeds.device) + 0x2545F491)
-    bits = _mix32(row[:, None] ^ token[None, :]) >> 8  # 24 random bits
-    return (bits.float() + 0.5) * (1.0 / (1 << 24))
+    # 23 random bits: (bits + 0.5) / 2**23 is exact in float32 and at most 1 - 2**-24. With 24 bits the
+    # largest value rounds to exactly 1.0, whose Gumbel noise is +inf: that token would win whatever its
+    # probability, even one that top-k or top-p removed.
+    bits = _mix32(row[:, None] ^ token[None, :]) >> 9
+    return (bits.float() + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass

@@ -49,7 +49,7 @@ class NullTokenizer:
 
 def random_model(args: ModelArgs, precision: str, device: str) -> torch.nn.Module:
     """Random weights of the real shape, made on the device (no 90 GB checkpoint needed)."""
-    model = meta_model(args)
+    model = meta_model(args).to(torch.bfloat16)  # still on meta: float32 would not fit the GPU
     if precision == "int8":
         model = quantize_int8(model)
     model = model.to_empty(device=device)
@@ -105,6 +105,15 @@ def time_generate(engine: Engine, prompt: list[list[int]], new_tokens: int) -> t
     return total, result.time_to_first_token_s
 
 
+def profile_decode(engine: Engine, prompt: list[list[int]], steps: int = 20) -> None:
+    """Print the GPU kernels of `steps` decode steps, most expensive first (CUPTI sees into CUDA graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        time_generate(engine, prompt, steps)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+
+
 def run(options: argparse.Namespace) -> dict:
     device = "cuda"
     torch.manual_seed(0)
@@ -123,7 +132,7 @@ def run(options: argparse.Namespace) -> dict:
     build_s = time.perf_counter() - build_start
     for module in engine.model.modules():
         if hasattr(module, "dense_max_tokens") and options.moe_impl == "gather":
-            module.dense_max_tokens = 0
+            module.dense_max_tokens = module.fused_max_tokens = 0
     prompt = [[1] + [100 + i for i in range(options.prompt_len - 1)] for _ in range(options.batch_size)]
 
     compile_start = time.perf_counter()
@@ -134,6 +143,9 @@ def run(options: argparse.Namespace) -> dict:
         total, ttft = time_generate(engine, prompt, options.new_tokens)
         decode_rates.append((options.new_tokens - 1) / (total - ttft))
     decode_tok_s = statistics.median(decode_rates)
+
+    if options.profile:
+        profile_decode(engine, prompt)
 
     ttft_ms = {}
     for length in options.ttft_lengths:
@@ -193,9 +205,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-seq-len", type=int, default=8448)
     parser.add_argument("--ttft-lengths", type=int, nargs="*", default=[128, 512, 2048, 8192])
-    parser.add_argument("--moe-impl", choices=["default", "gather"], default="default",
-                        help="gather: upstream gpt-fast's gathered-expert einsum at every batch size")
+    parser.add_argument("--moe-impl", choices=["fused", "gather"], default="fused",
+                        help="fused: the Triton experts kernels; gather: upstream gpt-fast's gathered-expert "
+                             "einsum (the baseline)")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps")
     parser.add_argument("--compile-cache", action="store_true",
                         help="also time the first call cold and with a warm FX graph cache (two processes)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")

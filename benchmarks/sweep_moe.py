@@ -1,0 +1,81 @@
+"""Time the fused MoE kernels at Mixtral-8x7B's shape for several tile configs (one GPU call).
+
+    python benchmarks/sweep_moe.py [--tokens 1 8]
+Prints, per config, microseconds per layer and the bandwidth of the expert bytes actually read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from gpt_fast_mixtral.kernels.moe import MoEConfig, fused_moe  # noqa: E402
+
+CONFIGS = {
+    "default": MoEConfig(),
+    "split1": MoEConfig(split=1),
+    "split8": MoEConfig(split=8),
+    "gu_i16": MoEConfig(gate_up_block_i=16),
+    "gu_i64": MoEConfig(gate_up_block_i=64),
+    "gu_d512": MoEConfig(gate_up_block_d=512),
+    "gu_d128_s4": MoEConfig(gate_up_block_d=128, gate_up_stages=4),
+    "gu_w8": MoEConfig(gate_up_block_i=64, gate_up_warps=8),
+    "dn_o16": MoEConfig(down_block_o=16),
+    "dn_i512": MoEConfig(down_block_i=512),
+    "dn_o64_s8": MoEConfig(down_block_o=64, split=8),
+    "dn_i128_s4": MoEConfig(down_block_i=128, down_stages=4),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 8])
+    options = parser.parse_args()
+    experts, top_k, dim, inter = 8, 2, 4096, 14336
+    torch.manual_seed(0)
+    rows = []
+    for precision in ("int8", "bf16"):
+        if precision == "int8":
+            weights = [torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda")
+                       for shape in ((experts, inter, dim), (experts, dim, inter), (experts, inter, dim))]
+            scales = (torch.rand(experts, inter, device="cuda", dtype=torch.bfloat16) * 1e-3,
+                      torch.rand(experts, dim, device="cuda", dtype=torch.bfloat16) * 1e-3,
+                      torch.rand(experts, inter, device="cuda", dtype=torch.bfloat16) * 1e-3)
+        else:
+            weights = [torch.randn(shape, dtype=torch.bfloat16, device="cuda") * 0.02
+                       for shape in ((experts, inter, dim), (experts, dim, inter), (experts, inter, dim))]
+            scales = None
+        for tokens in options.tokens:
+            x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
+            routing = torch.rand(tokens, experts, device="cuda").softmax(-1)
+            weights_k, indices = routing.topk(top_k, dim=-1)
+            weights_k = weights_k.bfloat16()
+            touched = indices.unique().numel()
+            moved = touched * 3 * dim * inter * weights[0].element_size()
+            for name, config in CONFIGS.items():
+                call = lambda c=config, x=x, w=weights, r=weights_k, i=indices, s=scales: fused_moe(  # noqa: E731
+                    x, *w, r, i, s, c)
+                try:
+                    call()
+                    ms = triton.testing.do_bench_cudagraph(call, rep=200)
+                except Exception as error:  # a tile config the compiler rejects
+                    print(f"{precision} N={tokens} {name}: failed {type(error).__name__}: {error}"[:200])
+                    continue
+                rows.append((precision, tokens, name, ms * 1e3, moved / (ms * 1e-3) / 1e12))
+            del x
+        del weights
+    print(f"{'precision':9} {'N':>3} {'config':12} {'us/layer':>9} {'TB/s':>6}")
+    for precision, tokens, name, us, tbs in rows:
+        print(f"{precision:9} {tokens:>3} {name:12} {us:9.1f} {tbs:6.2f}")
+    print("fields:", [f.name for f in dataclasses.fields(MoEConfig)])
+
+
+if __name__ == "__main__":
+    main()

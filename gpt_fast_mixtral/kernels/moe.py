@@ -1,0 +1,175 @@
+"""Fused Mixture-of-Experts for decode: read each routed expert's weights once, nothing else.
+
+Token slots (token, k) are grouped by expert on the device (a sort, no host sync), then:
+  1. gate_up: for each expert and block of intermediate rows, h = silu(x @ w1.T) * (x @ w3.T) for all
+     of that expert's tokens; w1 and w3 are read together, int8 weights are dequantised in registers
+     (the per-channel scale is applied to the accumulator).
+  2. down: y[slot] = routing_weight[slot] * (h[slot] @ w2.T), one row per (token, k) slot.
+The k partial rows are summed at the end. An expert no token chose costs one load of its count.
+`reference_moe` is the plain PyTorch definition the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the model falls back to its PyTorch paths
+    triton = None
+
+
+def available(x: Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+def reference_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor,
+                  expert_indices: Tensor, scales: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """sum_k routing_weights[n, k] * expert_{idx[n, k]}(x[n]) in float32."""
+    x32 = x.float()
+    out = torch.zeros_like(x32)
+    for n in range(x.shape[0]):
+        for k in range(expert_indices.shape[1]):
+            e = int(expert_indices[n, k])
+            weights = [w[e].float() for w in (w1, w2, w3)]
+            if scales is not None:
+                weights = [w * s[e].float()[:, None] for w, s in zip(weights, scales, strict=True)]
+            h = F.silu(weights[0] @ x32[n]) * (weights[2] @ x32[n])
+            out[n] += routing_weights[n, k].float() * (weights[1] @ h)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, slot_token_ptr, offsets_ptr, counts_ptr,
+                        dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
+                        HAS_SCALES: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+        expert = tl.program_id(0)
+        offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        mask_i = offs_i < inter
+        count = tl.load(counts_ptr + expert)
+        start = tl.load(offsets_ptr + expert)
+        w_base = expert.to(tl.int64) * stride_we + offs_i[:, None].to(tl.int64) * stride_wi
+        for t0 in range(0, count, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask_t = offs_t < count
+            token = tl.load(slot_token_ptr + start + offs_t, mask=mask_t, other=0)
+            gate = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+            up = tl.zeros((BLOCK_T, BLOCK_I), dtype=tl.float32)
+            for d0 in range(0, dim, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < dim
+                x = tl.load(x_ptr + token[:, None].to(tl.int64) * stride_x + offs_d[None, :],
+                            mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+                w_mask = mask_i[:, None] & mask_d[None, :]
+                w1 = tl.load(w1_ptr + w_base + offs_d[None, :], mask=w_mask, other=0).to(x.dtype)
+                w3 = tl.load(w3_ptr + w_base + offs_d[None, :], mask=w_mask, other=0).to(x.dtype)
+                if IEEE:
+                    gate += tl.dot(x, tl.trans(w1), input_precision="ieee")
+                    up += tl.dot(x, tl.trans(w3), input_precision="ieee")
+                else:
+                    gate += tl.dot(x, tl.trans(w1))
+                    up += tl.dot(x, tl.trans(w3))
+            if HAS_SCALES:
+                gate *= tl.load(s1_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)[None, :]
+                up *= tl.load(s3_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)[None, :]
+            h = gate * tl.sigmoid(gate) * up
+            rows = (start + offs_t).to(tl.int64)
+            tl.store(h_ptr + rows[:, None] * stride_h + offs_i[None, :], h.to(h_ptr.dtype.element_ty),
+                     mask=mask_t[:, None] & mask_i[None, :])
+
+    @triton.jit
+    def _down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, slot_ptr, routing_ptr, offsets_ptr, counts_ptr,
+                     dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
+                     HAS_SCALES: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+        expert = tl.program_id(0)
+        offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        split = tl.program_id(2)
+        mask_o = offs_o < dim
+        count = tl.load(counts_ptr + expert)
+        start = tl.load(offsets_ptr + expert)
+        w_base = expert.to(tl.int64) * stride_we + offs_o[:, None].to(tl.int64) * stride_wd
+        split_len = tl.cdiv(tl.cdiv(inter, SPLIT), BLOCK_I) * BLOCK_I
+        y_ptr += split.to(tl.int64) * stride_split
+        for t0 in range(0, count, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask_t = offs_t < count
+            rows = (start + offs_t).to(tl.int64)
+            acc = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)
+            for i0 in range(split * split_len, tl.minimum((split + 1) * split_len, inter), BLOCK_I):
+                offs_i = i0 + tl.arange(0, BLOCK_I)
+                mask_i = offs_i < inter
+                h = tl.load(h_ptr + rows[:, None] * stride_h + offs_i[None, :],
+                            mask=mask_t[:, None] & mask_i[None, :], other=0.0)
+                w2 = tl.load(w2_ptr + w_base + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
+                             other=0).to(h.dtype)
+                if IEEE:
+                    acc += tl.dot(h, tl.trans(w2), input_precision="ieee")
+                else:
+                    acc += tl.dot(h, tl.trans(w2))
+            if HAS_SCALES:
+                acc *= tl.load(s2_ptr + expert * stride_se + offs_o, mask=mask_o, other=0.0).to(tl.float32)[None, :]
+            slot = tl.load(slot_ptr + rows, mask=mask_t, other=0)
+            acc *= tl.load(routing_ptr + slot, mask=mask_t, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + slot[:, None].to(tl.int64) * stride_y + offs_o[None, :], acc,
+                     mask=mask_t[:, None] & mask_o[None, :])
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Tile sizes of the two kernels; `split` divides the down projection's reduction for parallelism."""
+
+    block_t: int = 16
+    gate_up_block_i: int = 32
+    gate_up_block_d: int = 256
+    gate_up_warps: int = 4
+    gate_up_stages: int = 3
+    down_block_o: int = 32
+    down_block_i: int = 256
+    down_warps: int = 4
+    down_stages: int = 3
+    split: int = 4
+
+
+DEFAULT_CONFIG = MoEConfig()
+
+
+def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor, expert_indices: Tensor,
+              scales: tuple[Tensor, Tensor, Tensor] | None = None, config: MoEConfig = DEFAULT_CONFIG) -> Tensor:
+    """The MoE block's experts for x [N, D]: w1, w3 [E, I, D], w2 [E, D, I] (bf16/fp32, or int8 + scales)."""
+    num_tokens, top_k = expert_indices.shape
+    num_experts, inter, dim = w1.shape
+    flat = expert_indices.flatten()
+    order = torch.argsort(flat, stable=True)  # slots grouped by expert
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    slot_token = (order // top_k).to(torch.int32)
+    order = order.to(torch.int32)
+    x = x.contiguous()
+    h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
+    # Every (split, slot, column) is written exactly once; the splits are summed below, in a fixed order.
+    y = torch.empty(config.split, num_tokens * top_k, dim, dtype=torch.float32, device=x.device)
+    has_scales = scales is not None
+    s1, s2, s3 = scales if has_scales else (w1, w2, w3)  # placeholders, never read without scales
+    ieee = x.dtype == torch.float32
+    c = config
+    _gate_up_kernel[(num_experts, triton.cdiv(inter, c.gate_up_block_i))](
+        x, w1, w3, s1, s3, h, slot_token, offsets, counts,
+        dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
+        HAS_SCALES=has_scales, IEEE=ieee, BLOCK_T=c.block_t, BLOCK_I=c.gate_up_block_i,
+        BLOCK_D=c.gate_up_block_d, num_warps=c.gate_up_warps, num_stages=c.gate_up_stages)
+    _down_kernel[(num_experts, triton.cdiv(dim, c.down_block_o), c.split)](
+        h, w2, s2, y, order, routing_weights.flatten().contiguous(), offsets, counts,
+        dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
+        y.stride(0), HAS_SCALES=has_scales, IEEE=ieee, SPLIT=c.split, BLOCK_T=c.block_t,
+        BLOCK_O=c.down_block_o, BLOCK_I=c.down_block_i, num_warps=c.down_warps, num_stages=c.down_stages)
+    return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)

@@ -1,0 +1,388 @@
+"""Engine.generate on the tiny checkpoint: batching never changes a row's tokens, sampling is seeded,
+stopping and streaming are exact, bad requests are refused; and the `python -m gpt_fast_mixtral.generate` CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt_fast_mixtral.checkpoint import convert_checkpoint, load_model
+from gpt_fast_mixtral.generate import Engine, GenerationError, GenerationResult, SamplingParams
+from gpt_fast_mixtral.tokenizer import IncrementalDetokenizer, Tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_BATCH, MAX_SEQ_LEN = 4, 160
+PROMPT = "Hello world"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert_checkpoint(tiny_checkpoint_dir, tmp_path_factory.mktemp("generate") / "model.pth")
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: Path) -> Engine:
+    return Engine.from_checkpoint(checkpoint, dtype=torch.float32, max_batch_size=MAX_BATCH,
+                                  max_seq_len=MAX_SEQ_LEN)
+
+
+@pytest.fixture(scope="module")
+def greedy(engine: Engine) -> GenerationResult:
+    """The unrestricted greedy continuation of PROMPT: the reference the stopping tests cut."""
+    result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48))
+    assert result.finish_reason == "length" and len(result.tokens) == 48
+    return result
+
+
+def generate_one(engine: Engine, prompt, params: SamplingParams, on_text=None) -> GenerationResult:
+    return engine.generate([prompt], [params], on_text=on_text)[0]
+
+
+def token_pieces(tokenizer: Tokenizer, tokens: list[int]) -> list[str]:
+    """The text each token adds when streamed."""
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    return [detokenizer.push(token) for token in tokens]
+
+
+def straddling_stops(pieces: list[str], start: int, tail: str | None = None):
+    """Stop strings made of the last 2 characters of a token's piece (at or after `start`) and the first
+    2 of the next one's, so that each can only be recognised one token after it begins; with that token's
+    index."""
+    for index in range(start, len(pieces) - 1):
+        left, right = pieces[index], pieces[index + 1]
+        if len(left) >= 2 and len(right) >= 2 and (left[-2:] + right[:2]).isprintable():
+            yield left[-2:] + (right[:2] if tail is None else tail), index
+
+
+def straddling_stop(pieces: list[str], start: int, tail: str | None = None) -> tuple[str, int]:
+    for found in straddling_stops(pieces, start, tail):
+        return found
+    raise AssertionError("no two neighbouring printable pieces: the tiny model's output changed")
+
+
+def tokens_through(pieces: list[str], end: int) -> int:
+    """How many tokens it takes for the streamed text to be `end` characters long."""
+    length = 0
+    for count, piece in enumerate(pieces, start=1):
+        length += len(piece)
+        if length >= end:
+            return count
+    raise AssertionError("the text is shorter than that")
+
+
+def collect_stream(results: dict[int, list[str]]):
+    def on_text(row: int, piece: str) -> None:
+        assert piece, "empty pieces are not streamed"
+        results.setdefault(row, []).append(piece)
+
+    return on_text
+
+
+def random_prompt(length: int, seed: int, vocab_size: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return [1, *torch.randint(3, vocab_size, (length - 1,), generator=generator).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batching: a row's tokens do not depend on what else is in the batch.
+
+BATCH_LENGTHS = (3, 17, 9)
+
+
+def batch_prompts(engine: Engine) -> list[list[int]]:
+    return [random_prompt(length, seed, engine.model.args.vocab_size)
+            for seed, length in enumerate(BATCH_LENGTHS)]
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "mixed"])
+def test_a_batch_gives_every_row_the_tokens_it_gets_alone(engine, mode):
+    prompts = batch_prompts(engine)
+    assert [len(p) for p in prompts] == list(BATCH_LENGTHS)
+    sampled = [SamplingParams(max_new_tokens=10, temperature=0.8, top_k=40, seed=1),
+               SamplingParams(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=2),
+               SamplingParams(max_new_tokens=16, temperature=0.8, top_k=100, top_p=0.8, seed=3)]
+    greedy_ = [SamplingParams(max_new_tokens=n) for n in (10, 24, 16)]
+    params = {"greedy": greedy_, "sampled": sampled, "mixed": [greedy_[0], sampled[1], greedy_[2]]}[mode]
+    together = engine.generate(prompts, params)
+    alone = [generate_one(engine, prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+    for row, (batched, single) in enumerate(zip(together, alone, strict=True)):
+        assert batched.tokens == single.tokens, f"row {row}"
+        assert batched.text == single.text
+        assert batched.prompt_tokens == prompts[row]
+        assert len(batched.tokens) == params[row].max_new_tokens and batched.finish_reason == "length"
+    assert len({tuple(r.tokens) for r in together}) == 3, "rows must not all generate the same tokens"
+
+
+def test_rows_of_a_batch_stream_only_their_own_text(engine, greedy):
+    pieces = token_pieces(engine.tokenizer, greedy.tokens)
+    stop, _ = straddling_stop(pieces, 20)
+    prompts = [PROMPT, batch_prompts(engine)[1], PROMPT]
+    params = [SamplingParams(max_new_tokens=48, stop=[stop]),
+              SamplingParams(max_new_tokens=30, temperature=0.9, seed=11),
+              SamplingParams(max_new_tokens=20)]
+    streamed: dict[int, list[str]] = {}
+    results = engine.generate(prompts, params, on_text=collect_stream(streamed))
+    assert results[0].finish_reason == "stop" and results[0].text == greedy.text[:greedy.text.find(stop)]
+    assert results[2].text == engine.tokenizer.decode(greedy.tokens[:20], continuation=True)
+    assert len({r.text for r in results}) == 3
+    for row, result in enumerate(results):
+        assert "".join(streamed[row]) == result.text, f"row {row}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds.
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, top_k=50, top_p=0.95, seed=1234)
+    first, second = generate_one(engine, PROMPT, params), generate_one(engine, PROMPT, params)
+    assert first.tokens == second.tokens and first.text == second.text
+
+
+def test_different_seeds_give_different_tokens(engine, greedy):
+    runs = {tuple(generate_one(engine, PROMPT, SamplingParams(max_new_tokens=24, temperature=0.8, seed=seed)).tokens)
+            for seed in (1, 2, 3)}
+    assert len(runs) == 3
+    assert tuple(greedy.tokens[:24]) not in runs
+
+
+def test_unseeded_sampling_draws_a_fresh_seed_each_call(engine):
+    params = SamplingParams(max_new_tokens=24, temperature=1.0)
+    runs = [generate_one(engine, PROMPT, params) for _ in range(3)]
+    for run in runs:  # a run may draw EOS and stop early
+        assert 1 <= len(run.tokens) <= 24 and run.finish_reason in ("stop", "length")
+        visible = [t for t in run.tokens if t != engine.tokenizer.eos_id]
+        assert run.text == engine.tokenizer.decode(visible, continuation=True)
+    assert len({tuple(run.tokens) for run in runs}) > 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stopping.
+
+
+def test_max_new_tokens_is_respected_and_reported_as_length(engine, greedy):
+    result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=7))
+    assert result.tokens == greedy.tokens[:7]
+    assert result.finish_reason == "length"
+    assert result.text == engine.tokenizer.decode(greedy.tokens[:7], continuation=True)
+
+
+def test_stop_string_cuts_the_text_right_before_its_first_occurrence(engine, greedy):
+    pieces = token_pieces(engine.tokenizer, greedy.tokens)
+    stop, _ = straddling_stop(pieces, len(pieces) // 2)
+    first = greedy.text.find(stop)
+    result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48, stop=[stop]))
+    assert result.finish_reason == "stop"
+    assert result.text == greedy.text[:first]
+    # Generation ends with the token that completes the stop string.
+    assert result.tokens == greedy.tokens[:tokens_through(pieces, first + len(stop))]
+    assert len(result.tokens) < 48
+
+
+def test_of_several_stop_strings_the_first_to_appear_wins(engine, greedy):
+    pieces = token_pieces(engine.tokenizer, greedy.tokens)
+    early, early_token = straddling_stop(pieces, 6)
+    late, _ = straddling_stop(pieces, early_token + 8)
+    first = greedy.text.find(early)
+    assert first < greedy.text.find(late)
+    for stops in ([late, early], [early, late]):
+        result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48, stop=stops))
+        assert result.finish_reason == "stop"
+        assert result.text == greedy.text[:first], stops
+
+
+def test_of_stop_strings_completed_by_the_same_token_the_one_starting_earliest_wins(engine, greedy):
+    pieces = token_pieces(engine.tokenizer, greedy.tokens)
+    # `longer` starts one character before `shorter`, and both end inside the same token's piece.
+    longer, shorter = next((stop, stop[1:]) for stop, _ in straddling_stops(pieces, 4)
+                           if greedy.text.find(stop[1:]) == greedy.text.find(stop) + 1)
+    for stops in ([shorter, longer], [longer, shorter]):
+        result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48, stop=stops))
+        assert result.finish_reason == "stop"
+        assert result.text == greedy.text[:greedy.text.find(longer)], stops
+
+
+def test_a_stop_string_that_never_appears_changes_nothing(engine, greedy):
+    result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48, stop=["\x00never\x00"]))
+    assert result.tokens == greedy.tokens and result.text == greedy.text and result.finish_reason == "length"
+
+
+class TokenizerWithEos(Tokenizer):
+    """The tiny tokenizer, but with another token playing end-of-sequence."""
+
+    def __init__(self, path: Path, eos_id: int) -> None:
+        super().__init__(path)
+        self._eos_id = eos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+
+def test_eos_stops_generation_and_adds_no_text(checkpoint, greedy):
+    # The first token of the greedy output that was not generated before, at index 3 or later.
+    index = next(i for i in range(3, len(greedy.tokens)) if greedy.tokens[i] not in greedy.tokens[:i])
+    eos = greedy.tokens[index]
+    tokenizer = TokenizerWithEos(checkpoint.parent / "tokenizer.model", eos)
+    engine = Engine(load_model(checkpoint, dtype=torch.float32), tokenizer, max_seq_len=MAX_SEQ_LEN)
+    streamed: dict[int, list[str]] = {}
+    result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48), on_text=collect_stream(streamed))
+    assert result.finish_reason == "stop"
+    assert result.tokens == greedy.tokens[:index + 1]
+    assert result.tokens[-1] == eos
+    expected_text = tokenizer.decode(greedy.tokens[:index], continuation=True)
+    assert result.text == expected_text
+    assert "".join(streamed.get(0, [])) == expected_text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming.
+
+
+def test_streamed_pieces_join_to_the_text(engine, greedy):
+    streamed: dict[int, list[str]] = {}
+    result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48), on_text=collect_stream(streamed))
+    assert "".join(streamed[0]) == result.text == greedy.text
+    assert len(streamed[0]) > 10, "text is streamed as it is generated, not at the end"
+
+
+def test_no_text_of_a_stop_string_is_ever_streamed(engine, greedy):
+    """The stop string begins inside one token and ends inside the next: its beginning must be held
+    back until it is clear whether it completes."""
+    pieces = token_pieces(engine.tokenizer, greedy.tokens)
+    stop, index = straddling_stop(pieces, 10)
+    streamed: dict[int, list[str]] = {}
+    result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48, stop=[stop]),
+                          on_text=collect_stream(streamed))
+    assert result.finish_reason == "stop"
+    assert "".join(streamed.get(0, [])) == result.text == greedy.text[:greedy.text.find(stop)]
+
+
+def test_held_back_text_is_streamed_once_it_cannot_become_a_stop_string(engine, greedy):
+    pieces = token_pieces(engine.tokenizer, greedy.tokens)
+    never, index = straddling_stop(pieces, 10, tail="\x00")  # its first two characters do appear
+    assert never[:2] in greedy.text and never not in greedy.text
+    streamed: dict[int, list[str]] = {}
+    result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48, stop=[never]),
+                          on_text=collect_stream(streamed))
+    assert result.finish_reason == "length" and result.tokens == greedy.tokens
+    assert "".join(streamed[0]) == greedy.text
+    # The two characters were held back, then streamed at the start of the next piece.
+    assert streamed[0] != [piece for piece in pieces if piece]
+    assert any(piece.startswith(never[:2]) for piece in streamed[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prefill in chunks.
+
+
+def test_prefill_in_small_chunks_gives_the_same_tokens(checkpoint, engine):
+    chunked = Engine(load_model(checkpoint, dtype=torch.float32), engine.tokenizer, max_batch_size=2,
+                     max_seq_len=MAX_SEQ_LEN, prefill_chunk=4)
+    vocab = engine.model.args.vocab_size
+    prompts = [random_prompt(30, 7, vocab), random_prompt(7, 8, vocab)]
+    params = [SamplingParams(max_new_tokens=16), SamplingParams(max_new_tokens=12, temperature=0.7, seed=4)]
+    expected = [generate_one(engine, prompt, p).tokens for prompt, p in zip(prompts, params, strict=True)]
+    assert [generate_one(chunked, prompts[0], params[0]).tokens] == expected[:1]
+    assert [r.tokens for r in chunked.generate(prompts, params)] == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Requests the engine refuses.
+
+
+def test_prompt_plus_max_new_tokens_past_the_context_is_refused_naming_both(engine):
+    prompt = random_prompt(150, 9, engine.model.args.vocab_size)
+    with pytest.raises(GenerationError, match=r"prompt has 150 tokens and max_new_tokens is 20.*170.*160"):
+        generate_one(engine, prompt, SamplingParams(max_new_tokens=20))
+    assert len(generate_one(engine, prompt, SamplingParams(max_new_tokens=10)).tokens) == 10  # 160 fits
+
+
+def test_empty_prompt_is_refused(engine):
+    with pytest.raises(GenerationError, match="empty"):
+        generate_one(engine, [], SamplingParams(max_new_tokens=4))
+
+
+def test_more_prompts_than_max_batch_size_are_refused(engine):
+    with pytest.raises(GenerationError, match=f"1 to {MAX_BATCH} prompts"):
+        engine.generate([PROMPT] * (MAX_BATCH + 1), [SamplingParams(max_new_tokens=2)] * (MAX_BATCH + 1))
+    with pytest.raises(GenerationError, match="one settings object each"):
+        engine.generate([PROMPT, PROMPT], [SamplingParams(max_new_tokens=2)])
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=4, temperature=-0.1),
+    SamplingParams(max_new_tokens=4, temperature=0.8, top_p=0.0),
+    SamplingParams(max_new_tokens=4, temperature=0.8, top_p=1.5),
+    SamplingParams(max_new_tokens=4, temperature=0.8, top_k=0),
+    SamplingParams(max_new_tokens=0),
+], ids=["negative_temperature", "top_p_zero", "top_p_above_one", "top_k_zero", "no_new_tokens"])
+def test_bad_sampling_settings_are_refused(engine, params):
+    with pytest.raises(GenerationError):
+        generate_one(engine, PROMPT, params)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(engine):
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        generate_one(engine, [1, engine.model.args.vocab_size], SamplingParams(max_new_tokens=2))
+
+
+def test_a_refused_request_leaves_the_engine_usable(engine, greedy):
+    with pytest.raises(GenerationError):
+        engine.generate([PROMPT, PROMPT], [SamplingParams(max_new_tokens=5), SamplingParams(temperature=-1)])
+    assert generate_one(engine, PROMPT, SamplingParams(max_new_tokens=8)).tokens == greedy.tokens[:8]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "gpt_fast_mixtral.generate", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stdout, stderr
+
+
+def test_cli_prints_one_json_object_with_the_generation(checkpoint, engine):
+    code, stdout, stderr = finish(start_cli("--checkpoint-path", str(checkpoint), "--prompt", "Hello world",
+                                            "--max-new-tokens", "8", "--json"))
+    assert code == 0, stderr
+    assert len(stdout.strip().splitlines()) == 1
+    output = json.loads(stdout)
+    tokenizer = engine.tokenizer
+    assert output["prompt_tokens"] == tokenizer.encode("Hello world") and output["prompt_tokens"][0] == 1
+    assert 1 <= len(output["tokens"]) <= 8
+    assert output["finish_reason"] in {"stop", "length"}
+    visible = [t for t in output["tokens"] if t != tokenizer.eos_id]
+    assert output["text"] == tokenizer.decode(visible, continuation=True)
+    assert output["tokens"] == generate_one(engine, "Hello world", SamplingParams(max_new_tokens=8)).tokens
+
+
+def test_cli_seeded_sampling_prints_the_same_output_twice(checkpoint):
+    args = ("--checkpoint-path", str(checkpoint), "--prompt", "Hello world", "--max-new-tokens", "8",
+            "--temperature", "0.7", "--seed", "5", "--json")
+    first, second = start_cli(*args), start_cli(*args)  # two cores: run them side by side
+    (code1, out1, err1), (code2, out2, err2) = finish(first), finish(second)
+    assert code1 == code2 == 0, err1 + err2
+    keep = ("text", "prompt_tokens", "tokens", "finish_reason")  # timings differ between runs
+    one, two = json.loads(out1), json.loads(out2)
+    assert {k: one[k] for k in keep} == {k: two[k] for k in keep}
+
+
+def test_cli_missing_checkpoint_exits_with_a_one_line_error(tmp_path):
+    code, stdout, stderr = finish(start_cli("--checkpoint-path", str(tmp_path / "nowhere" / "model.pth"),
+                                            "--prompt", "Hello", "--json"))
+    assert code != 0
+    assert stdout == ""
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nowhere" in lines[0]
