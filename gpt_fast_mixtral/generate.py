@@ -142,6 +142,8 @@ class Engine:
             raise GenerationError("the prompt is empty")
         if params.max_new_tokens < 1:
             raise GenerationError("max_new_tokens must be at least 1")
+        if any(not isinstance(stop, str) or not stop for stop in params.stop):
+            raise GenerationError("every stop string must be a non-empty string")
         total = len(prompt_tokens) + params.max_new_tokens
         if total > self.max_seq_len:
             raise GenerationError(

@@ -320,7 +320,8 @@ def test_more_prompts_than_max_batch_size_are_refused(engine):
     SamplingParams(max_new_tokens=4, temperature=0.8, top_p=1.5),
     SamplingParams(max_new_tokens=4, temperature=0.8, top_k=0),
     SamplingParams(max_new_tokens=0),
-], ids=["negative_temperature", "top_p_zero", "top_p_above_one", "top_k_zero", "no_new_tokens"])
+    SamplingParams(max_new_tokens=4, stop=("",)),
+], ids=["negative_temperature", "top_p_zero", "top_p_above_one", "top_k_zero", "no_new_tokens", "empty_stop"])
 def test_bad_sampling_settings_are_refused(engine, params):
     with pytest.raises(GenerationError):
         generate_one(engine, PROMPT, params)
