@@ -77,6 +77,11 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """Token ids of `text`, with BOS first unless `bos=False` (e.g. for stop strings)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # lone surrogates ("\ud800") are valid JSON but not text
+            raise TokenizerError(
+                f"the text is not valid Unicode at character {error.start} ({error.reason}); send UTF-8 text") from None
         ids = self._sp.encode(text)
         return [self.bos_id, *ids] if bos else ids
 

@@ -30,3 +30,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serving fixtures (tests/test_handler.py, tests/test_torchserve_e2e.py), appended by the handler work.
+
+
+@pytest.fixture(scope="session")
+def tiny_converted_dir(tiny_checkpoint_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as the handler serves it: model.pth (float32) and model_int8.pth, with
+    config.json and tokenizer.model beside them, as scripts/build_archive.py expects."""
+    from gpt_fast_mixtral.checkpoint import convert_checkpoint
+    from gpt_fast_mixtral.quantize import quantize_checkpoint
+
+    out_dir = tmp_path_factory.mktemp("tiny_converted")
+    model_pth = convert_checkpoint(tiny_checkpoint_dir, out_dir / "model.pth")
+    quantize_checkpoint(model_pth, device="cpu")
+    return model_pth.parent

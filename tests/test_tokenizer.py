@@ -194,3 +194,8 @@ def test_first_streamed_piece_keeps_its_leading_space(tokenizer: Tokenizer) -> N
     detokenizer = IncrementalDetokenizer(tokenizer)
     first = tokenizer.encode("Paris", bos=False)[0]
     assert detokenizer.push(first).startswith(" ")
+
+
+def test_text_with_a_lone_surrogate_is_refused_with_a_clear_error(tiny_tokenizer_path):
+    with pytest.raises(TokenizerError, match="not valid Unicode at character 1"):
+        Tokenizer(tiny_tokenizer_path).encode("x\ud800")

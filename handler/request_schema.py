@@ -1,0 +1,192 @@
+"""The request body of the Mixtral handler: parse it, check every field, say exactly what is wrong.
+
+Kept apart from the handler so the rules read in one place and are tested without TorchServe.
+A body is a JSON object:
+
+    {"prompt": "...", "max_new_tokens": 50, "temperature": 0.0, "top_k": null, "top_p": null,
+     "seed": null, "stop": ["\\n\\n"], "stream": false}
+
+Only `prompt` is required. Anything else, a wrong type or a value out of range is a `RequestError`,
+which the handler answers with HTTP 400 and a message that names the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gpt_fast_mixtral.generate import SamplingParams
+
+FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stream")
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+_SEED_LIMIT = 2**63  # seeds travel as int64 tensors
+
+
+class RequestError(ValueError):
+    """A request that cannot be served as sent; `field` names the part to fix (None: the whole body)."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    params: SamplingParams
+    stream: bool
+    # Whether the client chose max_new_tokens: a default may shrink to fit the context, a choice may not.
+    explicit_max_new_tokens: bool
+
+
+def decode_body(body: object) -> dict[str, Any]:
+    """Turn what TorchServe hands over (dict for application/json, str for text/*, bytes otherwise)
+    into the JSON object of the request."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RequestError(None, f"the request body is not UTF-8 text: {error}") from None
+    if isinstance(body, str):
+        if not body.strip():
+            raise RequestError(None, 'the request body is empty; send a JSON object such as {"prompt": "Hi"}')
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError as error:
+            raise RequestError(None, f"the request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise RequestError(None, f'the request body must be a JSON object such as {{"prompt": "Hi"}}, '
+                                 f"not a JSON {_json_type(body)}")
+    return body
+
+
+def parse_request(body: object, *, default_max_new_tokens: int, default_stream: bool,
+                  max_seq_len: int) -> GenerationRequest:
+    """Validate one request body; raise RequestError naming the first bad field."""
+    fields = decode_body(body)
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; the allowed fields are "
+                                       f"{', '.join(FIELDS)}")
+
+    if "prompt" not in fields:
+        raise RequestError("prompt", "prompt is required: send a non-empty string")
+    prompt = fields["prompt"]
+    if not isinstance(prompt, str):
+        raise RequestError("prompt", f"prompt must be a string, not {_json_type(prompt)}")
+    if not prompt:
+        raise RequestError("prompt", "prompt must not be empty")
+    _check_unicode("prompt", prompt)
+
+    # The prompt holds at least the BOS token, so at most max_seq_len - 1 tokens can be generated.
+    token_limit = max_seq_len - 1
+    max_new_tokens = _optional_int(fields, "max_new_tokens", 1, token_limit)
+    temperature = _optional_number(fields, "temperature")
+    if temperature is not None and temperature < 0:
+        raise RequestError("temperature", f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    top_k = _optional_int(fields, "top_k", 1, None)
+    top_p = _optional_number(fields, "top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise RequestError("top_p", f"top_p must be in (0, 1], got {top_p}")
+    seed = _optional_int(fields, "seed", 0, _SEED_LIMIT - 1)
+    stop = _stop_strings(fields.get("stop"))
+    stream = fields.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise RequestError("stream", f"stream must be true or false, not {_json_type(stream)}")
+
+    params = SamplingParams(
+        max_new_tokens=min(default_max_new_tokens, token_limit) if max_new_tokens is None else max_new_tokens,
+        temperature=0.0 if temperature is None else float(temperature),
+        top_k=top_k,
+        top_p=None if top_p is None else float(top_p),
+        seed=seed,
+        stop=stop,
+    )
+    return GenerationRequest(prompt, params, default_stream if stream is None else stream,
+                             explicit_max_new_tokens=max_new_tokens is not None)
+
+
+def fit_to_context(request: GenerationRequest, prompt_tokens: int, max_seq_len: int) -> SamplingParams:
+    """The request's settings for a prompt of `prompt_tokens` tokens in a context of `max_seq_len`.
+
+    A prompt that leaves no room is rejected; so is an explicit max_new_tokens that does not fit. A
+    default max_new_tokens shrinks to the room left, so a long prompt without settings still works.
+    """
+    room = max_seq_len - prompt_tokens
+    if room < 1:
+        raise RequestError("prompt", f"the prompt is {prompt_tokens} tokens long but the context holds "
+                                     f"{max_seq_len} tokens, the answer included; shorten the prompt")
+    params = request.params
+    if params.max_new_tokens <= room:
+        return params
+    if request.explicit_max_new_tokens:
+        raise RequestError("max_new_tokens", f"the prompt is {prompt_tokens} tokens and max_new_tokens is "
+                                             f"{params.max_new_tokens}: together they exceed the context of "
+                                             f"{max_seq_len} tokens; set max_new_tokens to at most {room}")
+    return SamplingParams(room, params.temperature, params.top_k, params.top_p, params.seed, params.stop)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _optional_int(fields: dict[str, Any], name: str, low: int, high: int | None) -> int | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    # JSON has one number type: 5.0 is accepted as 5, but 5.5 and true (a Python int) are not.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    span = f"from {low} to {high}" if high is not None else f">= {low}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(name, f"{name} must be an integer {span}, not {_json_type(value)} {value!r}")
+    if value < low or (high is not None and value > high):
+        raise RequestError(name, f"{name} must be an integer {span}, got {value}")
+    return value
+
+
+def _optional_number(fields: dict[str, Any], name: str) -> float | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(name, f"{name} must be a number, not {_json_type(value)} {value!r}")
+    if not math.isfinite(value):  # Python's json accepts NaN and Infinity
+        raise RequestError(name, f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _stop_strings(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise RequestError("stop", f"stop must be an array of strings, not {_json_type(value)}")
+    if len(value) > MAX_STOP_STRINGS:
+        raise RequestError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(value)}")
+    for item in value:
+        if not isinstance(item, str) or not item or len(item) > MAX_STOP_CHARS:
+            raise RequestError("stop", f"each stop string must be a non-empty string of at most "
+                                       f"{MAX_STOP_CHARS} characters, got {item!r}")
+        _check_unicode("stop", item)
+    return tuple(value)
+
+
+def _check_unicode(name: str, text: str) -> None:
+    # JSON can escape lone surrogates ("\ud800"), which are not text: the tokenizer cannot take them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start:error.end]
+        raise RequestError(name, f"{name} is not valid Unicode text: it contains the lone surrogate "
+                                 f"{bad!r} at character {error.start}") from None

@@ -1,0 +1,409 @@
+"""The Mixtral handler inside TorchServe's own worker machinery (Service, Context, wire protocol),
+without the Java frontend: answers, batching, streaming, validation, metrics and settings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from serving_utils import (
+    RecordingSocket,
+    Response,
+    decode_inference_batch,
+    decode_predict_responses,
+    encode_inference_batch,
+)
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.service import Service
+
+from gpt_fast_mixtral.generate import Engine, SamplingParams
+from handler.mixtral_handler import MixtralHandler
+from handler.request_schema import RequestError, fit_to_context, parse_request
+from handler.settings import HandlerSettings, enable_fx_graph_cache, select_device
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TS_METRICS_CONFIG = Path(sys.modules["ts"].__file__).parent / "configs" / "metrics.yaml"
+MAX_SEQ_LEN = 128
+Body = dict[str, Any] | list[Any] | bytes
+
+
+def make_model_dir(root: Path, converted_dir: Path, batch_size: int = 4, **handler: Any) -> Path:
+    """A model directory as scripts/build_archive.py lays it out, on the CPU."""
+    checkpoints = root / "checkpoints" / "tiny"
+    checkpoints.mkdir(parents=True)
+    for name in ("model.pth", "model_int8.pth", "config.json", "tokenizer.model"):
+        os.link(converted_dir / name, checkpoints / name)
+    config = {"batchSize": batch_size, "deviceType": "cpu",
+              "handler": {"converted_ckpt_dir": "checkpoints/tiny/model.pth", "compile": False,
+                          "max_new_tokens": 20, "max_seq_len": MAX_SEQ_LEN, **handler}}
+    (root / "model_config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+class Worker:
+    """A handler as TorchServe's Python worker runs it: loaded through Service, fed decoded batches."""
+
+    def __init__(self, model_dir: Path, batch_size: int = 4) -> None:
+        manifest = {"model": {"modelName": "tiny", "modelVersion": "1.0", "handler": "mixtral_handler.py",
+                              "configFile": "model_config.yaml"}}
+        metrics = MetricsCacheYamlImpl(config_file_path=str(TS_METRICS_CONFIG))
+        metrics.initialize_cache()
+        metrics.model_name = "tiny"
+        self.handler = MixtralHandler()
+        self.service = Service("tiny", str(model_dir), manifest, self.handler.handle, None, batch_size,
+                               metrics_cache=metrics)
+        self.socket = RecordingSocket()
+        self.service.set_cl_socket(self.socket)
+        self.handler.initialize(self.service.context)
+
+    def predict(self, *bodies: Body, content_type: str = "application/json"
+                ) -> tuple[list[Response], list[list[Response]]]:
+        """Send one batch; return the final responses and the streamed (intermediate) messages."""
+        raw = [(body if isinstance(body, bytes) else json.dumps(body).encode(), content_type)
+               for body in bodies]
+        batch = decode_inference_batch(encode_inference_batch(raw))
+        self.socket.sent.clear()
+        final = decode_predict_responses(bytes(self.service.predict(batch)))
+        assert len(final) == 1
+        return final[0], decode_predict_responses(bytes(self.socket.sent))
+
+    def answer(self, body: Body) -> str:
+        [response], _ = self.predict(body)
+        assert response.status == 200, response.text
+        return response.text
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_converted_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Worker:
+    """One worker for the module, as in production: every test also checks it survived the ones before."""
+    return Worker(make_model_dir(tmp_path_factory.mktemp("model"), tiny_converted_dir))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_converted_dir: Path) -> Engine:
+    """The engine alone, one request at a time: what each answer must match."""
+    return Engine.from_checkpoint(tiny_converted_dir / "model.pth", dtype=torch.float32,
+                                  max_seq_len=MAX_SEQ_LEN)
+
+
+def expected(engine: Engine, prompt: str, **settings: Any) -> str:
+    return engine.generate([prompt], [SamplingParams(**{"max_new_tokens": 20, **settings})])[0].text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answers.
+
+
+def test_request_json_is_answered_with_the_engines_text(worker: Worker, engine: Engine) -> None:
+    body = (REPO_ROOT / "request.json").read_bytes()
+    # `curl -T request.json` sends no content type: the handler gets the raw bytes.
+    [response], streamed = worker.predict(body, content_type="")
+    assert response.status == 200
+    assert response.content_type.startswith("text/plain")
+    assert response.text == expected(engine, "The capital of France", max_new_tokens=50)
+    assert response.text and not streamed
+
+
+def test_json_sent_as_text_plain_is_accepted(worker: Worker, engine: Engine) -> None:
+    [response], _ = worker.predict({"prompt": "def main", "max_new_tokens": 5}, content_type="text/plain")
+    assert response.status == 200
+    assert response.text == expected(engine, "def main", max_new_tokens=5)
+
+
+def test_each_request_of_a_batch_gets_its_own_answer(worker: Worker, engine: Engine) -> None:
+    requests = [
+        {"prompt": "The capital of France", "max_new_tokens": 12},
+        {"prompt": "import os", "max_new_tokens": 3},
+        {"prompt": "class Point:", "temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 7},
+        {"prompt": "Return the value", "temperature": 1.2, "seed": 123, "max_new_tokens": 16},
+    ]
+    responses, _ = worker.predict(*requests)
+    assert [r.request_id for r in responses] == ["req-0", "req-1", "req-2", "req-3"]
+    for request, response in zip(requests, responses, strict=True):
+        settings = {key: value for key, value in request.items() if key != "prompt"}
+        assert response.status == 200
+        assert response.text == expected(engine, request["prompt"], **settings), request
+
+
+def test_a_stop_string_ends_the_answer_before_it(worker: Worker, engine: Engine) -> None:
+    full = expected(engine, "The capital of France", max_new_tokens=30)
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    answer = worker.answer({"prompt": "The capital of France", "max_new_tokens": 30, "stop": [stop]})
+    assert answer == full[:full.index(stop)]
+
+
+def test_a_default_max_new_tokens_shrinks_to_the_room_left_in_the_context(
+        worker: Worker, engine: Engine) -> None:
+    prompt = "The capital"
+    while len(engine.encode(prompt + " of France")) < MAX_SEQ_LEN - 10:
+        prompt += " of France"
+    room = MAX_SEQ_LEN - len(engine.encode(prompt))
+    assert 0 < room < 20  # the YAML default of 20 would not fit
+    assert worker.answer({"prompt": prompt}) == expected(engine, prompt, max_new_tokens=room)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming.
+
+
+def test_streamed_pieces_join_to_the_plain_answer(worker: Worker) -> None:
+    body = {"prompt": "The capital of France", "max_new_tokens": 30}
+    plain = worker.answer(body)
+    [final], streamed = worker.predict({**body, "stream": True})
+    assert len(streamed) > 1
+    assert all(len(message) == 1 and message[0].stream_next for message in streamed)
+    assert final.status == 200 and final.headers.get("ts_stream_next") == "false"
+    assert "".join(message[0].text for message in streamed) + final.text == plain
+
+
+def test_only_the_streaming_requests_of_a_batch_are_streamed(worker: Worker) -> None:
+    plain = {"prompt": "import sys", "max_new_tokens": 10}
+    (first, second), streamed = worker.predict(plain, {**plain, "stream": True})
+    assert {message[0].request_id for message in streamed} == {"req-1"}
+    assert "ts_stream_next" not in first.headers
+    assert first.text == "".join(message[0].text for message in streamed) + second.text
+
+
+def test_stream_defaults_to_the_yaml_setting(tiny_converted_dir: Path, tmp_path: Path) -> None:
+    streaming = Worker(make_model_dir(tmp_path, tiny_converted_dir, stream=True))
+    _, streamed = streaming.predict({"prompt": "import sys", "max_new_tokens": 10})
+    assert len(streamed) > 1
+    _, streamed = streaming.predict({"prompt": "import sys", "max_new_tokens": 10, "stream": False})
+    assert streamed == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: every bad body is a 400 naming its field, alone, and the worker carries on.
+
+LONG_PROMPT = "word " * 400  # far past the 128-token context
+BAD_BODIES: list[tuple[str, Body, str | None, str]] = [
+    # (case, body, field named in the answer, words the message must contain)
+    ("not JSON", b"The capital of France", None, "not valid JSON"),
+    ("not UTF-8", b"\xff\xfe{", None, "UTF-8"),
+    ("empty body", b"", None, "empty"),
+    ("JSON array", ["The capital of France"], None, "JSON object"),
+    ("no prompt", {"max_new_tokens": 5}, "prompt", "required"),
+    ("empty prompt", {"prompt": ""}, "prompt", "empty"),
+    ("prompt not a string", {"prompt": 42}, "prompt", "string"),
+    ("negative max_new_tokens", {"prompt": "x", "max_new_tokens": -1}, "max_new_tokens", "integer"),
+    ("zero max_new_tokens", {"prompt": "x", "max_new_tokens": 0}, "max_new_tokens", "integer"),
+    ("huge max_new_tokens", {"prompt": "x", "max_new_tokens": 10**9}, "max_new_tokens", "integer"),
+    ("fractional max_new_tokens", {"prompt": "x", "max_new_tokens": 2.5}, "max_new_tokens", "integer"),
+    ("boolean max_new_tokens", {"prompt": "x", "max_new_tokens": True}, "max_new_tokens", "integer"),
+    ("negative temperature", {"prompt": "x", "temperature": -0.5}, "temperature", ">= 0"),
+    ("temperature not a number", {"prompt": "x", "temperature": "hot"}, "temperature", "number"),
+    ("top_p above 1", {"prompt": "x", "top_p": 1.5}, "top_p", "(0, 1]"),
+    ("top_p zero", {"prompt": "x", "top_p": 0}, "top_p", "(0, 1]"),
+    ("top_k zero", {"prompt": "x", "top_k": 0}, "top_k", "integer"),
+    ("negative seed", {"prompt": "x", "seed": -1}, "seed", "integer"),
+    ("stop not a list", {"prompt": "x", "stop": "###"}, "stop", "array"),
+    ("empty stop string", {"prompt": "x", "stop": [""]}, "stop", "non-empty"),
+    ("stream not a boolean", {"prompt": "x", "stream": "yes"}, "stream", "true or false"),
+    ("unknown field", {"prompt": "x", "max_tokens": 5}, "max_tokens", "unknown field"),
+    ("lone surrogate in the prompt", b'{"prompt": "a\\ud800b"}', "prompt", "lone surrogate"),
+    ("lone surrogate in a stop string", b'{"prompt": "a", "stop": ["\\udc00"]}', "stop", "lone surrogate"),
+    ("prompt past the context", {"prompt": LONG_PROMPT}, "prompt", "shorten the prompt"),
+    ("prompt + max_new_tokens past the context", {"prompt": "word " * 60, "max_new_tokens": 100},
+     "max_new_tokens", "exceed the context"),
+]
+
+
+@pytest.mark.parametrize(("body", "field", "words"), [case[1:] for case in BAD_BODIES],
+                         ids=[case[0] for case in BAD_BODIES])
+def test_a_bad_request_gets_400_naming_its_field_and_spares_its_batch(
+        worker: Worker, body: Body, field: str | None, words: str) -> None:
+    good = {"prompt": "The capital of France", "max_new_tokens": 8}
+    alone = worker.answer(good)
+    (before, bad, after), _ = worker.predict(good, body, good)
+    assert bad.status == 400
+    assert bad.content_type == "application/json"
+    error = json.loads(bad.text)
+    assert error["code"] == 400 and error["field"] == field
+    assert words in error["message"]
+    if field is not None:
+        assert field in error["message"]
+    # Its neighbours in the batch, and the next request, are served as if nothing happened.
+    assert before.status == after.status == 200
+    assert before.text == after.text == alone
+    assert worker.answer(good) == alone
+
+
+def test_a_body_that_is_not_a_json_object_under_a_json_content_type_is_a_400(worker: Worker) -> None:
+    # TorchServe parses application/json itself and passes the bytes on when that fails.
+    [response], _ = worker.predict(b'{"prompt": "x",', content_type="application/json")
+    assert response.status == 400
+    assert "not valid JSON" in json.loads(response.text)["message"]
+
+
+def test_an_unexpected_error_fails_only_its_own_request(worker: Worker, monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    assert worker.handler.engine is not None
+    encode = worker.handler.engine.encode
+
+    def encode_or_fail(prompt: str) -> list[int]:
+        if prompt == "boom":
+            raise RuntimeError("a bug")
+        return encode(prompt)
+
+    monkeypatch.setattr(worker.handler.engine, "encode", encode_or_fail)
+    good = {"prompt": "The capital of France", "max_new_tokens": 8}
+    (before, bad, after), _ = worker.predict(good, {"prompt": "boom"}, good)
+    assert bad.status == 500 and "could not be prepared" in json.loads(bad.text)["message"]
+    assert before.status == after.status == 200 and before.text == after.text
+
+
+def test_a_failed_generate_fails_its_batch_but_not_the_worker(worker: Worker, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    assert worker.handler.engine is not None
+    good = {"prompt": "The capital of France", "max_new_tokens": 8}
+    alone = worker.answer(good)
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.handler.engine, "generate", lambda *args, **kwargs: 1 / 0)
+        responses, _ = worker.predict(good, good)
+    assert [r.status for r in responses] == [500, 500]
+    assert json.loads(responses[0].text)["message"] == "generation failed: ZeroDivisionError"
+    assert worker.answer(good) == alone
+
+
+def test_the_schema_accepts_whole_floats_and_nulls() -> None:
+    request = parse_request({"prompt": "x", "max_new_tokens": 5.0, "top_k": None, "top_p": 1, "seed": None},
+                            default_max_new_tokens=20, default_stream=False, max_seq_len=64)
+    assert request.params == SamplingParams(max_new_tokens=5, top_p=1.0)
+    assert request.explicit_max_new_tokens and not request.stream
+
+
+def test_an_explicit_max_new_tokens_is_never_shrunk() -> None:
+    explicit = parse_request({"prompt": "x", "max_new_tokens": 10}, default_max_new_tokens=20,
+                             default_stream=False, max_seq_len=64)
+    with pytest.raises(RequestError, match="at most 4") as error:
+        fit_to_context(explicit, prompt_tokens=60, max_seq_len=64)
+    assert error.value.field == "max_new_tokens"
+    default = parse_request({"prompt": "x"}, default_max_new_tokens=20, default_stream=True, max_seq_len=64)
+    assert fit_to_context(default, prompt_tokens=60, max_seq_len=64).max_new_tokens == 4
+    assert default.stream
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def test_each_answer_records_its_metrics(worker: Worker, engine: Engine, caplog: pytest.LogCaptureFixture
+                                         ) -> None:
+    caplog.set_level(logging.INFO)
+    prompt = "The capital of France"
+    worker.answer({"prompt": prompt, "max_new_tokens": 7})
+    lines = [record.getMessage() for record in caplog.records if "[METRICS]" in record.getMessage()]
+
+    def value(name: str) -> float:
+        [line] = [line for line in lines if line.startswith(f"[METRICS]{name}.")]
+        assert "ModelName:tiny" in line and "req-0" in line
+        return float(line.split(":", 1)[1].split("|", 1)[0])
+
+    assert value("PromptTokens") == len(engine.encode(prompt))
+    assert value("GeneratedTokens") == 7
+    assert value("TimeToFirstToken") > 0
+    assert value("DecodeTokensPerSecond") > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and settings.
+
+
+def test_an_int8_checkpoint_is_served(tiny_converted_dir: Path, tmp_path: Path) -> None:
+    int8 = Worker(make_model_dir(tmp_path, tiny_converted_dir,
+                                 converted_ckpt_dir="checkpoints/tiny/model_int8.pth"))
+    assert int8.handler.engine is not None and int8.handler.engine.max_batch_size == 4
+    assert len(int8.answer({"prompt": "The capital of France", "max_new_tokens": 10})) > 0
+
+
+def test_loading_points_the_fx_graph_cache_at_the_model_directory(
+        tiny_converted_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # restored after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    Worker(make_model_dir(tmp_path, tiny_converted_dir, fx_graph_cache=True,
+                          fx_graph_cache_dir="cache/inductor"))
+    assert inductor_config.fx_graph_cache is True
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    assert (tmp_path / "cache" / "inductor").is_dir()
+
+
+@pytest.mark.slow
+def test_the_fx_graph_cache_is_reused_by_the_next_process(tmp_path: Path) -> None:
+    """What fx_graph_cache buys: a restarted worker finds the compiled graph on disk."""
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from handler.settings import enable_fx_graph_cache\n"
+        "enable_fx_graph_cache(True, Path(sys.argv[1]))\n"
+        "torch.compile(lambda x: torch.sin(x) * 2 + 1)(torch.ones(8))\n"
+        "from torch._dynamo.utils import counters\n"
+        "print(dict(counters['inductor']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env.pop("TORCHINDUCTOR_FX_GRAPH_CACHE", None)
+    runs = [subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache")], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, check=True).stdout
+            for _ in range(2)]
+    assert "'fxgraph_cache_miss': 1" in runs[0]
+    assert "'fxgraph_cache_hit': 1" in runs[1] and "fxgraph_cache_miss" not in runs[1]
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({}, "converted_ckpt_dir"),
+    ({"converted_ckpt_dir": "x.pth", "compile": "yes"}, "handler.compile must be a bool"),
+    ({"converted_ckpt_dir": "x.pth", "max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+    ({"converted_ckpt_dir": "x.pth", "dtype": "int4"}, "handler.dtype must be one of"),
+])
+def test_a_bad_handler_section_names_the_key(section: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        HandlerSettings.from_yaml(section)
+
+
+def test_unknown_handler_keys_are_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    settings = HandlerSettings.from_yaml({"converted_ckpt_dir": "x.pth", "profile": True})
+    assert settings.converted_ckpt_dir == "x.pth"
+    assert "handler.profile" in caplog.text
+
+
+def test_a_missing_checkpoint_fails_the_load_with_its_path(tiny_converted_dir: Path, tmp_path: Path) -> None:
+    model_dir = make_model_dir(tmp_path, tiny_converted_dir, converted_ckpt_dir="checkpoints/none/model.pth")
+    with pytest.raises(FileNotFoundError, match="checkpoints/none/model.pth"):
+        Worker(model_dir)
+
+
+def test_the_device_follows_device_type_gpu_id_and_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert select_device("cpu", 0) == torch.device("cpu")
+    assert select_device("gpu", None) == torch.device("cpu")  # TorchServe assigned no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device("gpu", 1) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun the rank picks among the worker's GPUs
+    assert select_device("gpu", 1) == torch.device("cuda", 3)
+    assert select_device("cpu", 1) == torch.device("cpu")
+
+
+def test_tensor_parallel_is_refused_clearly_until_it_exists(
+        tiny_converted_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(NotImplementedError, match="not yet supported"):
+        Worker(make_model_dir(tmp_path, tiny_converted_dir))
+
+
+def test_enable_fx_graph_cache_can_turn_it_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
+    enable_fx_graph_cache(False, tmp_path / "unused")
+    assert inductor_config.fx_graph_cache is False
+    assert not (tmp_path / "unused").exists()
