@@ -19,24 +19,22 @@ import triton  # noqa: E402
 from gpt_fast_mixtral.kernels.moe import MoEConfig, fused_moe  # noqa: E402
 
 CONFIGS = {
-    "default": MoEConfig(),
-    "split1": MoEConfig(split=1),
-    "split8": MoEConfig(split=8),
-    "gu_i16": MoEConfig(gate_up_block_i=16),
-    "gu_i64": MoEConfig(gate_up_block_i=64),
-    "gu_d512": MoEConfig(gate_up_block_d=512),
-    "gu_d128_s4": MoEConfig(gate_up_block_d=128, gate_up_stages=4),
-    "gu_w8": MoEConfig(gate_up_block_i=64, gate_up_warps=8),
-    "dn_o16": MoEConfig(down_block_o=16),
-    "dn_i512": MoEConfig(down_block_i=512),
-    "dn_o64_s8": MoEConfig(down_block_o=64, split=8),
-    "dn_i128_s4": MoEConfig(down_block_i=128, down_stages=4),
+    "tiled": MoEConfig(gemv_max_slots=0),
+    "tiled_d128s4": MoEConfig(gemv_max_slots=0, gate_up_block_d=128, gate_up_stages=4, down_block_o=64, split=8),
+    "gemv": MoEConfig(gemv_max_slots=1 << 30),
+    "gemv_i32": MoEConfig(gemv_max_slots=1 << 30, gemv_block_i=32, gemv_block_d=256),
+    "gemv_i8": MoEConfig(gemv_max_slots=1 << 30, gemv_block_i=8, gemv_block_d=1024),
+    "gemv_w8": MoEConfig(gemv_max_slots=1 << 30, gemv_warps=8),
+    "gemv_w2": MoEConfig(gemv_max_slots=1 << 30, gemv_warps=2, gemv_block_d=256),
+    "gemv_o32": MoEConfig(gemv_max_slots=1 << 30, gemv_down_block_o=32, gemv_down_block_i=256),
+    "gemv_o8_s4": MoEConfig(gemv_max_slots=1 << 30, gemv_down_block_o=8, gemv_split=4),
+    "gemv_s1": MoEConfig(gemv_max_slots=1 << 30, gemv_split=1),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 8])
     options = parser.parse_args()
     experts, top_k, dim, inter = 8, 2, 4096, 14336
     torch.manual_seed(0)

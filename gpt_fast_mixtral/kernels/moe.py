@@ -123,6 +123,61 @@ if triton is not None:
                      mask=mask_t[:, None] & mask_o[None, :])
 
 
+    @triton.jit
+    def _gate_up_gemv_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
+                             dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
+                             HAS_SCALES: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One (token, k) slot per program row: a matrix-vector product on CUDA cores, no padded tiles."""
+        slot = tl.program_id(0)
+        offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        mask_i = offs_i < inter
+        expert = tl.load(experts_ptr + slot).to(tl.int64)
+        token = (slot // top_k).to(tl.int64)
+        w_base = expert * stride_we + offs_i[:, None].to(tl.int64) * stride_wi
+        gate = tl.zeros((BLOCK_I,), dtype=tl.float32)
+        up = tl.zeros((BLOCK_I,), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < dim
+            x = tl.load(x_ptr + token * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            w_mask = mask_i[:, None] & mask_d[None, :]
+            w1 = tl.load(w1_ptr + w_base + offs_d[None, :], mask=w_mask, other=0).to(tl.float32)
+            w3 = tl.load(w3_ptr + w_base + offs_d[None, :], mask=w_mask, other=0).to(tl.float32)
+            gate += tl.sum(w1 * x[None, :], axis=1)
+            up += tl.sum(w3 * x[None, :], axis=1)
+        if HAS_SCALES:
+            gate *= tl.load(s1_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+            up *= tl.load(s3_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+        h = gate * tl.sigmoid(gate) * up
+        tl.store(h_ptr + slot.to(tl.int64) * stride_h + offs_i, h.to(h_ptr.dtype.element_ty), mask=mask_i)
+
+    @triton.jit
+    def _down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr,
+                          dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
+                          HAS_SCALES: tl.constexpr, SPLIT: tl.constexpr,
+                          BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+        slot = tl.program_id(0)
+        offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        split = tl.program_id(2)
+        mask_o = offs_o < dim
+        expert = tl.load(experts_ptr + slot).to(tl.int64)
+        w_base = expert * stride_we + offs_o[:, None].to(tl.int64) * stride_wd
+        split_len = tl.cdiv(tl.cdiv(inter, SPLIT), BLOCK_I) * BLOCK_I
+        acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        for i0 in range(split * split_len, tl.minimum((split + 1) * split_len, inter), BLOCK_I):
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            mask_i = offs_i < inter
+            h = tl.load(h_ptr + slot.to(tl.int64) * stride_h + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+            w2 = tl.load(w2_ptr + w_base + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
+                         other=0).to(tl.float32)
+            acc += tl.sum(w2 * h[None, :], axis=1)
+        if HAS_SCALES:
+            acc *= tl.load(s2_ptr + expert * stride_se + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+        acc *= tl.load(routing_ptr + slot).to(tl.float32)
+        tl.store(y_ptr + split.to(tl.int64) * stride_split + slot.to(tl.int64) * stride_y + offs_o, acc,
+                 mask=mask_o)
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Tile sizes of the two kernels; `split` divides the down projection's reduction for parallelism."""
@@ -137,6 +192,17 @@ class MoEConfig:
     down_warps: int = 4
     down_stages: int = 3
     split: int = 4
+    # Up to this many (token, k) slots use the matrix-vector kernels (one slot per program row):
+    # no 16-row padded tiles, weights dequantised straight into fp32 FMAs.
+    # Measured on an H200 (benchmarks/sweep_moe.py): better than the tiles for batch 1 (2 or 3 slots),
+    # worse from 4 slots on.
+    gemv_max_slots: int = 3
+    gemv_block_i: int = 16
+    gemv_block_d: int = 512
+    gemv_down_block_o: int = 8
+    gemv_down_block_i: int = 512
+    gemv_split: int = 4
+    gemv_warps: int = 4
 
 
 DEFAULT_CONFIG = MoEConfig()
@@ -147,6 +213,8 @@ def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Te
     """The MoE block's experts for x [N, D]: w1, w3 [E, I, D], w2 [E, D, I] (bf16/fp32, or int8 + scales)."""
     num_tokens, top_k = expert_indices.shape
     num_experts, inter, dim = w1.shape
+    if num_tokens * top_k <= config.gemv_max_slots:
+        return _fused_moe_gemv(x, w1, w2, w3, routing_weights, expert_indices, scales, config)
     flat = expert_indices.flatten()
     order = torch.argsort(flat, stable=True)  # slots grouped by expert
     counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
@@ -172,4 +240,27 @@ def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Te
         dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
         y.stride(0), HAS_SCALES=has_scales, IEEE=ieee, SPLIT=c.split, BLOCK_T=c.block_t,
         BLOCK_O=c.down_block_o, BLOCK_I=c.down_block_i, num_warps=c.down_warps, num_stages=c.down_stages)
+    return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+
+
+def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor,
+                    expert_indices: Tensor, scales: tuple[Tensor, Tensor, Tensor] | None, c: MoEConfig) -> Tensor:
+    num_tokens, top_k = expert_indices.shape
+    num_experts, inter, dim = w1.shape
+    slots = num_tokens * top_k
+    experts = expert_indices.flatten().to(torch.int32)
+    x = x.contiguous()
+    h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(c.gemv_split, slots, dim, dtype=torch.float32, device=x.device)
+    has_scales = scales is not None
+    s1, s2, s3 = scales if has_scales else (w1, w2, w3)
+    _gate_up_gemv_kernel[(slots, triton.cdiv(inter, c.gemv_block_i))](
+        x, w1, w3, s1, s3, h, experts, top_k,
+        dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
+        HAS_SCALES=has_scales, BLOCK_I=c.gemv_block_i, BLOCK_D=c.gemv_block_d, num_warps=c.gemv_warps)
+    _down_gemv_kernel[(slots, triton.cdiv(dim, c.gemv_down_block_o), c.gemv_split)](
+        h, w2, s2, y, experts, routing_weights.flatten().contiguous(),
+        dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
+        y.stride(0), HAS_SCALES=has_scales, SPLIT=c.gemv_split, BLOCK_O=c.gemv_down_block_o,
+        BLOCK_I=c.gemv_down_block_i, num_warps=c.gemv_warps)
     return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
