@@ -102,6 +102,30 @@ class _Row:
         return held
 
 
+class _TokenReader:
+    """Copies a step's tokens to the host without waiting for work queued after the copy."""
+
+    def __init__(self, like: Tensor) -> None:
+        self._cuda = like.is_cuda
+        if self._cuda:
+            self._host = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+            self._done = torch.cuda.Event()
+        self._tokens: Tensor | None = None
+
+    def start(self, tokens: Tensor) -> None:
+        if self._cuda:
+            self._host.copy_(tokens, non_blocking=True)
+            self._done.record()
+        else:
+            self._tokens = tokens
+
+    def finish(self) -> list[int]:
+        if self._cuda:
+            self._done.synchronize()
+            return self._host.tolist()
+        return self._tokens.tolist()
+
+
 class Engine:
     """A model, its tokenizer and its KV cache: turns prompts into text, several rows at a time."""
 
@@ -175,8 +199,21 @@ class Engine:
         next_tokens = sample(logits, settings, steps)
         first_token_time: float | None = None
         positions = lengths.clone()
+        reader = _TokenReader(next_tokens)
         while True:
-            host_tokens = next_tokens.tolist()
+            # Queue the copy of this step's tokens, then the next step, then wait for the copy only:
+            # the host streams text and checks stops while the GPU computes the next token. A row that
+            # stops here discards that one extra token.
+            reader.start(next_tokens)
+            if any(row.finish_reason is None and len(row.tokens) + 1 < row.params.max_new_tokens for row in rows):
+                steps += 1
+                input_pos = positions.clamp(max=self.max_seq_len - 1)[:, None]
+                if greedy:
+                    next_tokens = self._decode_greedy(next_tokens[:, None], input_pos).clone()
+                else:
+                    next_tokens = sample(self._decode_logits(next_tokens[:, None], input_pos), settings, steps)
+                positions += 1
+            host_tokens = reader.finish()
             first_token_time = first_token_time or time.perf_counter()
             for index, (row, token) in enumerate(zip(rows, host_tokens, strict=True)):
                 if row.finish_reason is None:
@@ -185,13 +222,6 @@ class Engine:
                         on_text(index, piece)
             if all(row.finish_reason for row in rows):
                 break
-            steps += 1
-            input_pos = positions.clamp(max=self.max_seq_len - 1)[:, None]
-            if greedy:
-                next_tokens = self._decode_greedy(next_tokens[:, None], input_pos).clone()
-            else:
-                next_tokens = sample(self._decode_logits(next_tokens[:, None], input_pos), settings, steps)
-            positions += 1
         end = time.perf_counter()
         return [GenerationResult(row.text, tokens, row.tokens, row.finish_reason or "length",
                                  first_token_time - start, end - start)
