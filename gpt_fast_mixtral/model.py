@@ -243,9 +243,10 @@ class Transformer(nn.Module):
         if (max_batch_size, max_seq_len) == (self.max_batch_size, self.max_seq_len):
             return
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.args.n_kv_heads,
-                                               self.args.head_dim, self.dtype, self.device)
+        for layer in self.layers:  # a tensor-parallel rank holds only its share of the kv heads
+            attention = layer.attention
+            attention.kv_cache = KVCache(max_batch_size, max_seq_len, attention.n_kv_heads,
+                                         attention.head_dim, self.dtype, self.device)
         self.rope = rope_tables(self.args, max_seq_len, self.device)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None,
