@@ -115,7 +115,9 @@ class ConditionalFeedForward(nn.Module):
         self.w2 = nn.Parameter(torch.empty(experts, dim, inter))
         self.w3 = nn.Parameter(torch.empty(experts, inter, dim))
         self.dense_max_tokens = 64
-        self.fused_max_tokens = 64
+        # Up to this many tokens the fused kernels beat grouping tokens per expert in PyTorch, prefill
+        # included (bf16 on an H200: 512 tokens 85 ms vs 130 ms to first token; 2048: 339 vs 130).
+        self.fused_max_tokens = 512
 
     def fused_scales(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """Per-output-channel scales of w1, w2, w3 for the fused kernel (None: weights are not quantized)."""
@@ -155,15 +157,20 @@ class ConditionalFeedForward(nn.Module):
         up = self._project(x, "w3", everything, "nd,eid->nei")
         down = self._project(F.silu(gate) * up, "w2", everything, "nei,edi->ned")
         routing = torch.zeros(x.shape[0], down.shape[1], dtype=down.dtype, device=x.device)
-        routing.scatter_(1, expert_indices, expert_weights)
+        # Added, not written: under expert parallelism several zero-weighted slots of a token may name the
+        # same local expert as a real slot, and a plain scatter_ could keep a zero over the real weight.
+        routing.scatter_add_(1, expert_indices, expert_weights)
         return torch.einsum("ned,ne->nd", down, routing)
 
     def _grouped(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor:
-        top_k = expert_indices.shape[1]
-        flat_experts = expert_indices.flatten()
+        top_k, num_experts = expert_indices.shape[1], self.w1.shape[0]
+        flat_weights = expert_weights.flatten()
+        # A slot of weight 0 adds nothing (expert parallelism zeroes the slots of other ranks' experts):
+        # parked past the last expert, it sorts last and no expert runs it.
+        flat_experts = expert_indices.flatten().masked_fill(flat_weights == 0, num_experts)
         order = flat_experts.argsort(stable=True)
         token_of = order // top_k
-        counts = torch.bincount(flat_experts, minlength=self.w1.shape[0]).tolist()  # one sync per layer
+        counts = torch.bincount(flat_experts, minlength=num_experts)[:num_experts].tolist()  # one sync per layer
         out = torch.zeros_like(x)
         start = 0
         for expert, count in enumerate(counts):
@@ -174,7 +181,7 @@ class ConditionalFeedForward(nn.Module):
             gate = self._project(tokens, "w1", expert, "nd,id->ni")
             up = self._project(tokens, "w3", expert, "nd,id->ni")
             down = self._project(F.silu(gate) * up, "w2", expert, "ni,di->nd")
-            weights = expert_weights.flatten()[order[start:start + count]]
+            weights = flat_weights[order[start:start + count]]
             out.index_add_(0, rows, down * weights[:, None])
             start += count
         return out

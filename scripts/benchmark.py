@@ -133,6 +133,8 @@ def run(options: argparse.Namespace) -> dict:
     for module in engine.model.modules():
         if hasattr(module, "dense_max_tokens") and options.moe_impl == "gather":
             module.dense_max_tokens = module.fused_max_tokens = 0
+        elif hasattr(module, "fused_max_tokens") and options.fused_max_tokens is not None:
+            module.fused_max_tokens = options.fused_max_tokens
     prompt = [[1] + [100 + i for i in range(options.prompt_len - 1)] for _ in range(options.batch_size)]
 
     compile_start = time.perf_counter()
@@ -208,6 +210,8 @@ def main() -> int:
     parser.add_argument("--moe-impl", choices=["fused", "gather"], default="fused",
                         help="fused: the Triton experts kernels; gather: upstream gpt-fast's gathered-expert "
                              "einsum (the baseline)")
+    parser.add_argument("--fused-max-tokens", type=int, default=None,
+                        help="largest token count that uses the fused expert kernels (prefill experiments)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps")
     parser.add_argument("--compile-cache", action="store_true",

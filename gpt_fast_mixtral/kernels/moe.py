@@ -11,6 +11,7 @@ The k partial rows are summed at the end. An expert no token chose costs one loa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +193,7 @@ class MoEConfig:
     down_warps: int = 4
     down_stages: int = 3
     split: int = 4
+    prefill_block_t: int = 64
     # Up to this many (token, k) slots use the matrix-vector kernels (one slot per program row):
     # no 16-row padded tiles, weights dequantised straight into fp32 FMAs.
     # Measured on an H200 (benchmarks/sweep_moe.py): better than the tiles for batch 1 (2 or 3 slots),
@@ -223,6 +225,10 @@ def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Te
     slot_token = (order // top_k).to(torch.int32)
     order = order.to(torch.int32)
     x = x.contiguous()
+    if num_tokens * top_k > 16 * num_experts and x.element_size() == 2:
+        # Prefill-sized: larger token tiles reuse each weight tile more (float32 tiles this size would
+        # not fit in shared memory).
+        config = dataclasses.replace(config, block_t=config.prefill_block_t)
     h = torch.empty(num_tokens * top_k, inter, dtype=x.dtype, device=x.device)
     # Every (split, slot, column) is written exactly once; the splits are summed below, in a fixed order.
     y = torch.empty(config.split, num_tokens * top_k, dim, dtype=torch.float32, device=x.device)
