@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from gpt_fast_mixtral.checkpoint import load_model
 from gpt_fast_mixtral.model import Transformer
 from gpt_fast_mixtral.sampling import SamplingTensors, sample
 from gpt_fast_mixtral.tokenizer import IncrementalDetokenizer, Tokenizer
+from gpt_fast_mixtral.tp import PARALLEL_MODES, apply_tensor_parallel, init_process_group
 
 TextCallback = Callable[[int, str], None]
 
@@ -151,10 +155,13 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, checkpoint_path: str | Path, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.bfloat16, tokenizer_path: str | Path | None = None,
+                        transform: Callable[[Transformer], Transformer] | None = None,
                         **engine_kwargs: object) -> Engine:
+        """Load a checkpoint; `transform` (e.g. tensor parallel sharding, see tp.py) runs on the loaded
+        model before it moves to `device`."""
         checkpoint_path = Path(checkpoint_path)
         tokenizer = Tokenizer(tokenizer_path or checkpoint_path.parent / "tokenizer.model")
-        model = load_model(checkpoint_path, device=device, dtype=dtype)
+        model = load_model(checkpoint_path, device=device, dtype=dtype, transform=transform)
         return cls(model, tokenizer, **engine_kwargs)  # type: ignore[arg-type]
 
     def encode(self, prompt: str) -> list[int]:
@@ -237,12 +244,17 @@ class Engine:
         def tensor(values: list, dtype: torch.dtype) -> Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
+        seed = tensor([random.getrandbits(62) if p.seed is None else p.seed & (2**62 - 1) for p in params],
+                      torch.int64)
+        if any(p.seed is None for p in params) and _is_distributed():
+            # Each rank drew its own seeds; all must sample the same tokens, so rank 0's win. Every rank
+            # runs the same requests, so every rank takes this branch together.
+            dist.broadcast(seed, src=0)
         return SamplingTensors(
             temperature=tensor([p.temperature for p in params], torch.float32),
             top_k=tensor([min(p.top_k or vocab, vocab) for p in params], torch.int64),
             top_p=tensor([1.0 if p.top_p is None else p.top_p for p in params], torch.float32),
-            seed=tensor([random.getrandbits(62) if p.seed is None else p.seed & (2**62 - 1) for p in params],
-                        torch.int64),
+            seed=seed,
         )
 
     def _prefill(self, prompt_tokens: list[list[int]], lengths: Tensor) -> Tensor:
@@ -270,6 +282,10 @@ class Engine:
         return self.model(tokens, input_pos)[:, -1].float()
 
 
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # Command line.
 
@@ -294,29 +310,51 @@ def _parser() -> argparse.ArgumentParser:
                         help="KV cache length (default: prompt + max new tokens)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--parallel", choices=PARALLEL_MODES, default="tp",
+                        help="how to split the model when started by torchrun (WORLD_SIZE > 1): tp slices "
+                             "every expert, ep gives each rank whole experts; attention is split by heads in both")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _DTYPES[args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                             tuple(args.stop))
+    # Under torchrun every rank runs this same program on its shard; rank 0 alone prints the answer.
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     try:
+        transform = None
+        if world_size > 1:
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            init_process_group(device)
+            transform = partial(apply_tensor_parallel, rank=rank, world_size=world_size, mode=args.parallel,
+                                device=device)
         tokenizer = Tokenizer(args.checkpoint_path.parent / "tokenizer.model")
         prompt_tokens = tokenizer.encode(args.prompt, bos=True)
-        model = load_model(args.checkpoint_path, device=device, dtype=dtype)
+        model = load_model(args.checkpoint_path, device=device, dtype=dtype, transform=transform)
         max_seq_len = args.max_seq_len or min(len(prompt_tokens) + args.max_new_tokens,
                                               model.args.max_position_embeddings)
         engine = Engine(model, tokenizer, max_seq_len=max_seq_len, compile=args.compile)
-        stream = None if args.json else (lambda _row, piece: print(piece, end="", flush=True))
+        stream = None if args.json or rank != 0 else (lambda _row, piece: print(piece, end="", flush=True))
         if stream:
             print(args.prompt, end="", flush=True)
         result = engine.generate([prompt_tokens], [params], on_text=stream)[0]
+        if dist.is_initialized():
+            # Leave together: a rank tearing the group down while another still talks to it aborted
+            # ("terminate called without an active exception") in about one run of ten under gloo.
+            dist.barrier()
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        # Every rank says what went wrong: a failure on one rank alone must not go unseen.
+        print(f"error: {f'rank {rank}: ' if world_size > 1 else ''}{error}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps({"text": result.text, "prompt_tokens": result.prompt_tokens, "tokens": result.tokens,
                           "finish_reason": result.finish_reason,
@@ -330,5 +368,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def exit_rank(code: int) -> None:
+    """End a torchrun rank without running C++ static destructors.
+
+    With torch 2.13 and gloo, about one rank exit in ten aborted after everything had finished and the
+    process group was destroyed ("terminate called without an active exception", exit -6), which
+    torchrun reports as a failed run. The work is done and flushed by then, so skip the teardown.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_rank(status)
+    sys.exit(status)

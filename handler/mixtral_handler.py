@@ -15,11 +15,14 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from ts.context import Context
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.metrics.metric_type_enum import MetricTypes
@@ -27,6 +30,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 try:
     from gpt_fast_mixtral.generate import Engine, GenerationError, GenerationResult, SamplingParams
+    from gpt_fast_mixtral.model import Transformer
+    from gpt_fast_mixtral.tp import apply_tensor_parallel, init_process_group
     from handler.request_schema import GenerationRequest, RequestError, fit_to_context, parse_request
     from handler.settings import HandlerSettings, enable_fx_graph_cache, resolve_path, select_device
 except ModuleNotFoundError as error:  # say how to fix it, not only which import failed
@@ -49,6 +54,9 @@ class MixtralHandler(BaseHandler):
         super().__init__()
         self.engine: Engine | None = None
         self.settings: HandlerSettings | None = None
+        # Under torchrun TorchServe sends every batch to every rank and sends back what LOCAL_RANK 0 answers;
+        # the other ranks compute their shards in step with it, and stream and record nothing.
+        self.answers = True
 
     def initialize(self, context: Context) -> None:
         started = time.perf_counter()
@@ -60,11 +68,11 @@ class MixtralHandler(BaseHandler):
         enable_fx_graph_cache(settings.fx_graph_cache, resolve_path(model_dir, settings.fx_graph_cache_dir))
 
         self.device = select_device(model_yaml.get("deviceType"), properties.get("gpu_id"))
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1:
-            self._setup_tensor_parallel(world_size)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        shard = self._setup_tensor_parallel(world_size, settings.parallel_mode) if world_size > 1 else None
+        self.answers = os.environ.get("LOCAL_RANK", "0") == "0"
 
         checkpoint = resolve_path(model_dir, settings.converted_ckpt_dir)
         if not checkpoint.is_file():
@@ -78,7 +86,7 @@ class MixtralHandler(BaseHandler):
         self.engine = Engine.from_checkpoint(
             checkpoint, device=self.device, dtype=dtype,
             max_batch_size=int(properties.get("batch_size") or 1), max_seq_len=settings.max_seq_len,
-            compile=compile_decode)
+            compile=compile_decode, transform=shard)
         if compile_decode:
             self._warm_up()
         self.settings = settings
@@ -88,20 +96,13 @@ class MixtralHandler(BaseHandler):
                     checkpoint, self.device, dtype, self.engine.max_batch_size, self.engine.max_seq_len,
                     time.perf_counter() - started, inspect.getfile(Engine))
 
-    def _setup_tensor_parallel(self, world_size: int) -> None:
-        # The hook for tensor parallel serving (parallelType: tp under torchrun). The engine's tp
-        # transform is separate work; until it is wired here, fail loudly rather than have every rank
-        # load the whole model onto its own GPU.
-        try:
-            import gpt_fast_mixtral.tp  # noqa: F401
-        except ModuleNotFoundError:
-            raise NotImplementedError(
-                f"tensor parallel serving (WORLD_SIZE={world_size}) is not yet supported: "
-                "gpt_fast_mixtral.tp does not exist yet; serve with model_config.yaml (one GPU per worker) "
-                "for now") from None
-        raise NotImplementedError(
-            f"tensor parallel serving (WORLD_SIZE={world_size}) is not yet supported: gpt_fast_mixtral.tp "
-            "exists but the handler does not apply it yet")
+    def _setup_tensor_parallel(self, world_size: int, mode: str) -> Callable[[Transformer], Transformer]:
+        """Join the process group of the ranks torchrun started (parallelType: tp) and return the
+        sharding that loading applies before the model moves to this rank's device."""
+        init_process_group(self.device)
+        rank = dist.get_rank()
+        logger.info("rank %d of %d: %s parallel on %s", rank, world_size, mode, self.device)
+        return partial(apply_tensor_parallel, rank=rank, world_size=world_size, mode=mode, device=self.device)
 
     def _warm_up(self) -> None:
         """Compile at load time, for every batch size, not on the first requests (which would run
@@ -136,7 +137,7 @@ class MixtralHandler(BaseHandler):
         logger.info("batch of %d requests, %d valid", len(data), len(jobs))
         if jobs:
             self._generate(jobs, answers, context)
-        if context.metrics is not None:
+        if context.metrics is not None and self.answers:  # every rank's log reaches TorchServe: count once
             context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2),
                                      None, "ms", [])
         return answers
@@ -174,8 +175,10 @@ class MixtralHandler(BaseHandler):
 
         try:
             results = self.engine.generate([tokens for _, _, tokens, _ in jobs],
-                                           [params for *_, params in jobs], on_text=on_text)
+                                           [params for *_, params in jobs], on_text=on_text if self.answers else None)
         except Exception as error:  # the batch fails, the worker lives on
+            # (Under tensor parallelism only if every rank fails alike; a rank failing alone leaves the others
+            # waiting in a collective until TorchServe's responseTimeout restarts the worker.)
             logger.exception("generation failed for a batch of %d", len(jobs))
             code, kind = ((507, "OutOfResources") if isinstance(error, torch.OutOfMemoryError)
                           else (500, "InternalServerError"))
@@ -186,7 +189,8 @@ class MixtralHandler(BaseHandler):
         for row, ((index, request, _, _), result) in enumerate(zip(jobs, results, strict=True)):
             # A streamed answer has gone out already; its final message carries whatever is left.
             answers[index] = result.text[streamed_chars[row]:] if request.stream else result.text
-            self._record_metrics(context, index, result)
+            if self.answers:
+                self._record_metrics(context, index, result)
 
     @staticmethod
     def _error(context: Context, index: int, code: int, kind: str, message: str,

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from gpt_fast_mixtral.tp import PARALLEL_MODES
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -30,6 +32,7 @@ class HandlerSettings:
     stream: bool = False  # a request's default
     max_seq_len: int | None = None  # KV cache length, prompt and answer together (None: the engine's)
     dtype: str | None = None  # bfloat16 | float32 | float16 (None: bfloat16 on GPU, float32 on CPU)
+    parallel_mode: str = "tp"  # under torchrun (parallelType: tp): tp slices every expert, ep splits the experts
 
     @classmethod
     def from_yaml(cls, section: dict[str, Any] | None) -> HandlerSettings:
@@ -56,7 +59,8 @@ class HandlerSettings:
 
 def _check_setting(key: str, value: object) -> None:
     expected = {"converted_ckpt_dir": str, "fx_graph_cache_dir": str, "dtype": str, "compile": bool,
-                "fx_graph_cache": bool, "stream": bool, "max_new_tokens": int, "max_seq_len": int}[key]
+                "fx_graph_cache": bool, "stream": bool, "max_new_tokens": int, "max_seq_len": int,
+                "parallel_mode": str}[key]
     if value is None and key in ("max_seq_len", "dtype"):
         return
     if expected is int:
@@ -66,6 +70,9 @@ def _check_setting(key: str, value: object) -> None:
         raise ValueError(f"model_config.yaml handler.{key} must be a {expected.__name__}, got {value!r}")
     if key == "dtype" and value not in DTYPES:
         raise ValueError(f"model_config.yaml handler.dtype must be one of {sorted(DTYPES)}, got {value!r}")
+    if key == "parallel_mode" and value not in PARALLEL_MODES:
+        raise ValueError(f"model_config.yaml handler.parallel_mode must be one of {list(PARALLEL_MODES)}, "
+                         f"got {value!r}")
 
 
 def enable_fx_graph_cache(enabled: bool, cache_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""Test helpers for serving: TorchServe's worker wire format, and a real TorchServe on free local ports.
+"""Test helpers for serving: TorchServe's worker wire format, the handler inside TorchServe's worker
+machinery, and a real TorchServe on free local ports.
 
 The wire helpers let handler tests go through TorchServe's own request decoding (`ts.protocol`) and
 read its responses back, intermediate (streamed) ones included, without the Java frontend.
@@ -7,20 +8,31 @@ read its responses back, intermediate (streamed) ones included, without the Java
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import requests
+import yaml
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import _retrieve_inference_msg
+from ts.service import Service
+
+from handler.mixtral_handler import MixtralHandler
+
+TS_METRICS_CONFIG = Path(sys.modules["ts"].__file__).parent / "configs" / "metrics.yaml"
+Body = dict[str, Any] | list[Any] | bytes
 
 # ---------------------------------------------------------------------------------------------------
 # The frontend <-> worker protocol.
@@ -106,6 +118,64 @@ class RecordingSocket:
 
     def sendall(self, data: bytes) -> None:
         self.sent += data
+
+
+# ---------------------------------------------------------------------------------------------------
+# The handler as TorchServe's Python worker runs it.
+
+
+def make_model_dir(root: Path, converted_dir: Path, batch_size: int = 4, max_seq_len: int = 128,
+                   **handler: Any) -> Path:
+    """A model directory as scripts/build_archive.py lays it out, on the CPU."""
+    checkpoints = root / "checkpoints" / "tiny"
+    checkpoints.mkdir(parents=True)
+    for name in ("model.pth", "model_int8.pth", "config.json", "tokenizer.model"):
+        os.link(converted_dir / name, checkpoints / name)
+    config = {"batchSize": batch_size, "deviceType": "cpu",
+              "handler": {"converted_ckpt_dir": "checkpoints/tiny/model.pth", "compile": False,
+                          "max_new_tokens": 20, "max_seq_len": max_seq_len, **handler}}
+    (root / "model_config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+class Worker:
+    """A handler as TorchServe's Python worker runs it: loaded through Service, fed decoded batches."""
+
+    def __init__(self, model_dir: Path, batch_size: int = 4) -> None:
+        manifest = {"model": {"modelName": "tiny", "modelVersion": "1.0", "handler": "mixtral_handler.py",
+                              "configFile": "model_config.yaml"}}
+        metrics = MetricsCacheYamlImpl(config_file_path=str(TS_METRICS_CONFIG))
+        metrics.initialize_cache()
+        metrics.model_name = "tiny"
+        self.handler = MixtralHandler()
+        self.service = Service("tiny", str(model_dir), manifest, self.handler.handle, None, batch_size,
+                               metrics_cache=metrics)
+        self.socket = RecordingSocket()
+        self.service.set_cl_socket(self.socket)
+        self.handler.initialize(self.service.context)
+
+    def predict(self, *bodies: Body, content_type: str = "application/json"
+                ) -> tuple[list[Response], list[list[Response]]]:
+        """Send one batch; return the final responses and the streamed (intermediate) messages.
+
+        Under torchrun (LOCAL_RANK set and not 0) TorchServe's worker sends nothing back: both are empty.
+        """
+        raw = [(body if isinstance(body, bytes) else json.dumps(body).encode(), content_type)
+               for body in bodies]
+        batch = decode_inference_batch(encode_inference_batch(raw))
+        self.socket.sent.clear()
+        reply = self.service.predict(batch)
+        if reply is None:  # what ts.service returns on a rank whose answer TorchServe does not send
+            assert not self.socket.sent
+            return [], []
+        final = decode_predict_responses(bytes(reply))
+        assert len(final) == 1
+        return final[0], decode_predict_responses(bytes(self.socket.sent))
+
+    def answer(self, body: Body) -> str:
+        [response], _ = self.predict(body)
+        assert response.status == 200, response.text
+        return response.text
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,72 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
-from serving_utils import (
-    RecordingSocket,
-    Response,
-    decode_inference_batch,
-    decode_predict_responses,
-    encode_inference_batch,
-)
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-from ts.service import Service
+from serving_utils import Body, Worker, make_model_dir
 
 from gpt_fast_mixtral.generate import Engine, SamplingParams
-from handler.mixtral_handler import MixtralHandler
 from handler.request_schema import RequestError, fit_to_context, parse_request
 from handler.settings import HandlerSettings, enable_fx_graph_cache, select_device
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TS_METRICS_CONFIG = Path(sys.modules["ts"].__file__).parent / "configs" / "metrics.yaml"
-MAX_SEQ_LEN = 128
-Body = dict[str, Any] | list[Any] | bytes
-
-
-def make_model_dir(root: Path, converted_dir: Path, batch_size: int = 4, **handler: Any) -> Path:
-    """A model directory as scripts/build_archive.py lays it out, on the CPU."""
-    checkpoints = root / "checkpoints" / "tiny"
-    checkpoints.mkdir(parents=True)
-    for name in ("model.pth", "model_int8.pth", "config.json", "tokenizer.model"):
-        os.link(converted_dir / name, checkpoints / name)
-    config = {"batchSize": batch_size, "deviceType": "cpu",
-              "handler": {"converted_ckpt_dir": "checkpoints/tiny/model.pth", "compile": False,
-                          "max_new_tokens": 20, "max_seq_len": MAX_SEQ_LEN, **handler}}
-    (root / "model_config.yaml").write_text(yaml.safe_dump(config))
-    return root
-
-
-class Worker:
-    """A handler as TorchServe's Python worker runs it: loaded through Service, fed decoded batches."""
-
-    def __init__(self, model_dir: Path, batch_size: int = 4) -> None:
-        manifest = {"model": {"modelName": "tiny", "modelVersion": "1.0", "handler": "mixtral_handler.py",
-                              "configFile": "model_config.yaml"}}
-        metrics = MetricsCacheYamlImpl(config_file_path=str(TS_METRICS_CONFIG))
-        metrics.initialize_cache()
-        metrics.model_name = "tiny"
-        self.handler = MixtralHandler()
-        self.service = Service("tiny", str(model_dir), manifest, self.handler.handle, None, batch_size,
-                               metrics_cache=metrics)
-        self.socket = RecordingSocket()
-        self.service.set_cl_socket(self.socket)
-        self.handler.initialize(self.service.context)
-
-    def predict(self, *bodies: Body, content_type: str = "application/json"
-                ) -> tuple[list[Response], list[list[Response]]]:
-        """Send one batch; return the final responses and the streamed (intermediate) messages."""
-        raw = [(body if isinstance(body, bytes) else json.dumps(body).encode(), content_type)
-               for body in bodies]
-        batch = decode_inference_batch(encode_inference_batch(raw))
-        self.socket.sent.clear()
-        final = decode_predict_responses(bytes(self.service.predict(batch)))
-        assert len(final) == 1
-        return final[0], decode_predict_responses(bytes(self.socket.sent))
-
-    def answer(self, body: Body) -> str:
-        [response], _ = self.predict(body)
-        assert response.status == 200, response.text
-        return response.text
+MAX_SEQ_LEN = 128  # make_model_dir's default
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +306,7 @@ def test_the_fx_graph_cache_is_reused_by_the_next_process(tmp_path: Path) -> Non
     ({"converted_ckpt_dir": "x.pth", "compile": "yes"}, "handler.compile must be a bool"),
     ({"converted_ckpt_dir": "x.pth", "max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ({"converted_ckpt_dir": "x.pth", "dtype": "int4"}, "handler.dtype must be one of"),
+    ({"converted_ckpt_dir": "x.pth", "parallel_mode": "pp"}, r"handler.parallel_mode must be one of \['tp', 'ep'\]"),
 ])
 def test_a_bad_handler_section_names_the_key(section: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -391,13 +334,6 @@ def test_the_device_follows_device_type_gpu_id_and_local_rank(monkeypatch: pytes
     monkeypatch.setenv("LOCAL_RANK", "3")  # under torchrun the rank picks among the worker's GPUs
     assert select_device("gpu", 1) == torch.device("cuda", 3)
     assert select_device("cpu", 1) == torch.device("cpu")
-
-
-def test_tensor_parallel_is_refused_clearly_until_it_exists(
-        tiny_converted_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(NotImplementedError, match="not yet supported"):
-        Worker(make_model_dir(tmp_path, tiny_converted_dir))
 
 
 def test_enable_fx_graph_cache_can_turn_it_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

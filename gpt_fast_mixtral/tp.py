@@ -1,0 +1,225 @@
+"""Tensor and expert parallelism, as a transform that shards the plain model in place.
+
+Both modes split attention the same way: every rank holds n_heads / W query heads and n_kv_heads / W
+key-value heads (its rows of the fused wqkv, its columns of wo, its share of the KV cache). They differ in
+how the experts are split:
+
+- "tp": every rank holds every expert, sliced along the intermediate dimension (its rows of w1 and w3,
+  its columns of w2), as in Megatron's column- then row-parallel MLP.
+- "ep": every rank holds E / W whole experts, [rank * E / W, (rank + 1) * E / W), as LLaMA2-Accessory's
+  distributed MoE does. The router runs replicated on every rank; a token slot routed to another rank's
+  expert contributes nothing locally.
+
+In both, the output of each attention block and of each MoE block is a partial sum on every rank, and
+one all-reduce completes it: two all-reduces per layer. They are forward hooks on the Attention and
+MOEFeedForward modules (which quantization never swaps), so model.py has no parallel branches. They use
+functional collectives, which `torch.compile(fullgraph=True)` traces into a CUDA-graph decode step.
+
+Attention under "ep" is split rather than replicated: replication would keep the whole KV cache and the
+whole attention weights on every rank and repeat the same attention work W times, to save an all-reduce
+of one [tokens, dim] activation.
+
+The router gate, the norms, the embedding and the output head stay replicated. Sharding takes slices and
+copies them (to `device` when given), so a rank keeps only its part, not a view that pins the whole
+(possibly memory-mapped) tensor; on the meta device it only changes shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor, nn
+
+from gpt_fast_mixtral.config import ModelArgs
+from gpt_fast_mixtral.model import Attention, ConditionalFeedForward, MOEFeedForward, Transformer
+
+PARALLEL_MODES = ("tp", "ep")
+MAX_LISTED_WORLD_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How a model was sharded; set as `model.parallelism` so that a second sharding is refused."""
+
+    mode: str
+    rank: int
+    world_size: int
+
+
+def _split_shapes(args: ModelArgs, mode: str) -> dict[str, int]:
+    """The config values (named as in config.json) that each rank must divide evenly."""
+    shapes = {"num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads}
+    if mode == "tp":
+        shapes["intermediate_size"] = args.intermediate_size
+    else:
+        shapes["num_local_experts"] = args.num_experts
+    return shapes
+
+
+def valid_world_sizes(args: ModelArgs, mode: str) -> list[int]:
+    """World sizes (up to MAX_LISTED_WORLD_SIZE) over which `mode` can split this model."""
+    shapes = _split_shapes(args, mode).values()
+    return [size for size in range(1, MAX_LISTED_WORLD_SIZE + 1) if all(value % size == 0 for value in shapes)]
+
+
+def check_parallel(args: ModelArgs, world_size: int, mode: str = "tp") -> None:
+    """Raise ValueError, naming the numbers and the world sizes that work, if `mode` cannot split the
+    model over `world_size` ranks."""
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel mode must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world size must be a positive integer, got {world_size!r}")
+    shapes = _split_shapes(args, mode)
+    indivisible = [f"{name} ({value})" for name, value in shapes.items() if value % world_size]
+    if indivisible:
+        sizes = [str(size) for size in valid_world_sizes(args, mode) if size > 1]
+        possible = (f"{mode} can split this model over {_listing(sizes, 'or')} ranks" if sizes
+                    else f"{mode} cannot split this model over any number of ranks")
+        raise ValueError(
+            f"{mode} over {world_size} ranks divides {_listing(list(shapes))} among the ranks, but "
+            f"{world_size} does not divide {_listing(indivisible)}; {possible}")
+
+
+def _listing(items: list[str], conjunction: str = "and") -> str:
+    return f"{', '.join(items[:-1])} {conjunction} {items[-1]}" if len(items) > 1 else items[0]
+
+
+def init_process_group(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT): NCCL when `device` is a GPU (this rank's own, by LOCAL_RANK), gloo on the CPU."""
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+
+
+def apply_tensor_parallel(model: Transformer, rank: int, world_size: int, mode: str = "tp",
+                          device: torch.device | str | None = None,
+                          group: dist.ProcessGroup | None = None) -> Transformer:
+    """Keep rank `rank`'s part of every split weight of `model` and insert the all-reduces, in place.
+
+    Works on float and int8 (quantize.py) models, loaded, memory-mapped or on the meta device. `device`
+    receives the shards directly (each rank then copies only its part to its GPU); the replicated weights
+    stay where they are. The all-reduces run over `group` (default: the whole world), which must be
+    initialised before the model runs, not before it is sharded.
+    """
+    check_parallel(model.args, world_size, mode)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if getattr(model, "parallelism", None) is not None:
+        raise ValueError(f"the model is already sharded ({model.parallelism}); load it again to shard it anew")
+    shard = _Sharder(rank, world_size, device)
+    for layer in model.layers:
+        shard.attention(layer.attention)
+        moe: MOEFeedForward = layer.block_sparse_moe
+        if mode == "tp":
+            shard.experts_by_intermediate(moe.cond_ffn)
+        else:
+            moe.cond_ffn = shard.experts_whole(moe.cond_ffn)
+        if world_size > 1:
+            layer.attention.register_forward_hook(_all_reduce_output(group))
+            moe.register_forward_hook(_all_reduce_output(group))
+    model.parallelism = Parallelism(mode, rank, world_size)
+    return model
+
+
+class ExpertParallelExperts(nn.Module):
+    """One rank's experts of one layer, [first_expert, first_expert + E_local), called with global ids.
+
+    Slots routed to another rank's expert get routing weight 0 here and contribute nothing; the
+    all-reduce after the MoE block adds every rank's share. What a zero-weighted slot costs depends on the
+    path ConditionalFeedForward takes: nothing in the dense path (every local expert runs anyway) or the
+    grouped path (it skips zero-weighted slots). The gathered path (static shapes, for CUDA graphs) and
+    the fused kernels (decode, and prefill up to fused_max_tokens) have no way to skip a slot: there it
+    still runs through a local expert, so about (W - 1) / W of the slots are computed for nothing and,
+    in the matrix-vector kernels, each reads a whole expert. Such slots are spread over the local experts
+    by global id, so that no single local expert takes them all. A kernel that skipped slots of weight 0
+    (or a sentinel id) would remove that cost.
+    """
+
+    def __init__(self, experts: ConditionalFeedForward, first_expert: int) -> None:
+        super().__init__()
+        self.experts = experts
+        self.first_expert = first_expert
+
+    def extra_repr(self) -> str:
+        return f"first_expert={self.first_expert}, local_experts={self.experts.w1.shape[0]}"
+
+    def forward(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor:
+        num_local = self.experts.w1.shape[0]
+        local = expert_indices - self.first_expert
+        here = (local >= 0) & (local < num_local)
+        local = torch.where(here, local, expert_indices % num_local)
+        return self.experts(x, expert_weights.masked_fill(~here, 0), local)
+
+
+def _all_reduce_output(group: dist.ProcessGroup | None):
+    """A forward hook that replaces a module's output (this rank's partial sum) by the sum over ranks."""
+    group = group or dist.group.WORLD
+
+    def hook(module: nn.Module, inputs: tuple[object, ...], output: Tensor) -> Tensor:
+        # wait_tensor hands back a plain tensor: the AsyncCollectiveTensor subclass that funcol returns
+        # would otherwise travel through the rest of the eager forward pass.
+        return funcol.wait_tensor(funcol.all_reduce(output, "sum", group))
+
+    return hook
+
+
+class _Sharder:
+    """Replaces weights by this rank's slice of them."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device | str | None) -> None:
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def slice(self, tensor: Tensor, dim: int) -> Tensor:
+        size = tensor.shape[dim] // self.world_size
+        part = tensor.detach().narrow(dim, self.rank * size, size)
+        # A copy, contiguous (the fused kernels assume it): a view would keep the whole tensor alive.
+        return part.to(device=self.device or part.device, memory_format=torch.contiguous_format, copy=True)
+
+    def fused_rows(self, tensor: Tensor, sizes: list[int]) -> Tensor:
+        """This rank's rows of each of the blocks [sizes[0] rows; sizes[1] rows; ...] stacked in dim 0."""
+        return torch.cat([self.slice(block, 0) for block in tensor.split(sizes, dim=0)], dim=0)
+
+    def attention(self, attention: Attention) -> None:
+        head_dim = attention.head_dim
+        q_rows, kv_rows = attention.n_heads * head_dim, attention.n_kv_heads * head_dim
+        # wqkv is column parallel: q, k and v rows are split separately, so that a rank's query heads
+        # sit with the key-value heads their group attends to. Int8 scales are per output row: split too.
+        wqkv = attention.wqkv
+        for name in ("weight", "scales"):
+            if hasattr(wqkv, name):
+                _replace(wqkv, name, self.fused_rows(getattr(wqkv, name), [q_rows, kv_rows, kv_rows]))
+        wqkv.out_features = wqkv.weight.shape[0]
+        # wo is row parallel: its input columns are split; its per-output-row scales stay whole.
+        _replace(attention.wo, "weight", self.slice(attention.wo.weight, 1))
+        attention.wo.in_features = attention.wo.weight.shape[1]
+        attention.n_heads //= self.world_size
+        attention.n_kv_heads //= self.world_size
+
+    def experts_by_intermediate(self, experts: ConditionalFeedForward) -> None:
+        # w1, w3 [E, I, D] and their scales [E, I] by rows of I; w2 [E, D, I] by columns, scales [E, D] whole.
+        for name in ("w1", "w3", "w1_scales", "w3_scales"):
+            if hasattr(experts, name):
+                _replace(experts, name, self.slice(getattr(experts, name), 1))
+        _replace(experts, "w2", self.slice(experts.w2, 2))
+
+    def experts_whole(self, experts: ConditionalFeedForward) -> ExpertParallelExperts:
+        for name in ("w1", "w2", "w3", "w1_scales", "w2_scales", "w3_scales"):
+            if hasattr(experts, name):
+                _replace(experts, name, self.slice(getattr(experts, name), 0))
+        return ExpertParallelExperts(experts, first_expert=self.rank * experts.w1.shape[0])
+
+
+def _replace(module: nn.Module, name: str, tensor: Tensor) -> None:
+    """Swap a parameter or buffer for `tensor`, keeping its kind (parameter or buffer)."""
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[name] = tensor

@@ -1,0 +1,160 @@
+"""One rank of a tensor-parallel test run: `python tests/tp_ranks.py SCENARIO OUT_DIR ARGS...`.
+
+tests/test_tp.py starts WORLD_SIZE of these with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+set, as torchrun would. Every rank saves what it computed to OUT_DIR/rank<R>.pt; the test compares the
+ranks with each other and with the unsharded model, computed by the same functions here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TESTS_DIR = Path(__file__).resolve().parent
+sys.path[:0] = [str(TESTS_DIR.parent), str(TESTS_DIR)]  # the checkout's packages, and serving_utils
+
+from gpt_fast_mixtral.checkpoint import load_model  # noqa: E402
+from gpt_fast_mixtral.generate import (  # noqa: E402
+    Engine,
+    SamplingParams,
+    exit_rank,  # noqa: E402
+)
+from gpt_fast_mixtral.model import Transformer  # noqa: E402
+from gpt_fast_mixtral.tokenizer import Tokenizer  # noqa: E402
+from gpt_fast_mixtral.tp import apply_tensor_parallel, init_process_group  # noqa: E402
+
+MAX_BATCH, MAX_SEQ_LEN = 3, 64
+CHECKPOINTS = ("model.pth", "model_int8.pth")
+MODES = ("tp", "ep")
+PROMPTS = ["Hello world", "def main(argv):\n    return", "The quick brown fox jumps over"]
+GREEDY_TOKENS = 16
+# What the handler run asks for; the test computes the expected answers from the same list.
+HANDLER_REQUESTS: list[dict[str, Any]] = [
+    {"prompt": "The capital of France", "max_new_tokens": 12},
+    {"prompt": "import os", "max_new_tokens": 16, "stream": True},
+    {"prompt": "class Point:", "max_new_tokens": 10, "temperature": 0.8, "top_k": 50, "seed": 7},
+]
+
+
+@torch.inference_mode()
+def probe_logits(model: Transformer) -> dict[str, torch.Tensor]:
+    """Full logits of fixed random tokens, sized for each PyTorch expert path: 3 x 30 tokens take the
+    grouped path (more than 64 tokens), 3 x 4 the dense one, a single token the gathered one (under
+    ep with few local experts, the dense one again)."""
+    model.setup_caches(MAX_BATCH, MAX_SEQ_LEN)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, model.args.vocab_size, (MAX_BATCH, 30), generator=generator).to(model.device)
+    logits = {}
+    for path, (batch, length) in {"grouped": (3, 30), "dense": (3, 4), "gathered": (1, 1)}.items():
+        positions = torch.arange(length, device=model.device).expand(batch, length)
+        logits[path] = model(tokens[:batch, :length], positions).float().cpu()
+    return logits
+
+
+@torch.inference_mode()
+def compiled_decode_matches(model: Transformer) -> bool:
+    """Whether a decode step compiled whole (fullgraph, so the all-reduces must trace) gives the eager logits."""
+    model.setup_caches(MAX_BATCH, MAX_SEQ_LEN)
+    tokens = torch.tensor([[5], [6], [7]])
+    positions = torch.tensor([[0], [0], [0]])
+    eager = model(tokens, positions)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)(tokens, positions)
+    return torch.equal(eager, compiled)
+
+
+def generations(engine: Engine) -> dict[str, list[list[int]]]:
+    greedy = engine.generate(PROMPTS, [SamplingParams(max_new_tokens=GREEDY_TOKENS)] * len(PROMPTS))
+    # No seed: each rank draws its own, and the engine must make them agree.
+    sampled = engine.generate(PROMPTS[:1], [SamplingParams(max_new_tokens=GREEDY_TOKENS, temperature=1.0)])
+    return {"greedy": [r.tokens for r in greedy], "sampled": [r.tokens for r in sampled]}
+
+
+def shard(rank: int, world_size: int, mode: str):
+    return partial(apply_tensor_parallel, rank=rank, world_size=world_size, mode=mode)
+
+
+def run_engine(checkpoint_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """Every checkpoint and mode: probe logits, greedy and unseeded generation, and a compiled step."""
+    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
+    results: dict[str, Any] = {}
+    for name in CHECKPOINTS:
+        for mode in MODES:
+            model = load_model(checkpoint_dir / name, dtype=torch.float32,
+                               transform=shard(rank, world_size, mode))
+            results[f"{name}/{mode}/logits"] = probe_logits(model)
+            engine = Engine(model, tokenizer, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN)
+            results[f"{name}/{mode}/generate"] = generations(engine)
+            if name == "model.pth":
+                results[f"{name}/{mode}/compiled"] = compiled_decode_matches(model)
+    return results
+
+
+def run_logits(checkpoint_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
+    return {f"{name}/{mode}/logits": probe_logits(load_model(checkpoint_dir / name, dtype=torch.float32,
+                                                             transform=shard(rank, world_size, mode)))
+            for name in CHECKPOINTS for mode in MODES}
+
+
+def run_devices(checkpoint_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """On this rank's GPU (NCCL; or the CPU over gloo where TP_TEST_DEVICE=cpu): probe logits in float32 and
+    bfloat16, and float32 greedy and unseeded tokens (model.pth's from a compiled decode step, on CUDA)."""
+    device = rank_device()
+    tokenizer = Tokenizer(checkpoint_dir / "tokenizer.model")
+    results: dict[str, Any] = {}
+    for name in CHECKPOINTS:
+        for mode in MODES:
+            for dtype in (torch.bfloat16, torch.float32):  # the float32 model then generates
+                model = load_model(checkpoint_dir / name, device=device, dtype=dtype,
+                                   transform=partial(apply_tensor_parallel, rank=rank, world_size=world_size,
+                                                     mode=mode, device=device))
+                results[f"{name}/{mode}/{dtype}/logits"] = probe_logits(model)
+            # Compiling takes a while per model: the int8 ones decode eagerly (with the fused kernels still).
+            engine = Engine(model, tokenizer, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
+                            compile=name == "model.pth")
+            results[f"{name}/{mode}/generate"] = generations(engine)
+    return results
+
+
+def rank_device() -> torch.device:
+    if os.environ.get("TP_TEST_DEVICE", "cpu") == "cuda":
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cpu")
+
+
+def run_handler(converted_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """The handler inside TorchServe's worker machinery, as each process torchrun starts for it."""
+    from serving_utils import Worker, make_model_dir
+
+    model_dir = make_model_dir(Path(os.environ["TP_TEST_TMP"]) / f"model{rank}", converted_dir,
+                               parallel_mode=os.environ["TP_TEST_MODE"])
+    worker = Worker(model_dir)
+    final, streamed = worker.predict(*HANDLER_REQUESTS)
+    return {"final": [(r.request_id, r.status, r.text) for r in final],
+            "streamed": [[(r.request_id, r.text) for r in message] for message in streamed],
+            "sharded": dataclasses.asdict(worker.handler.engine.model.parallelism)}
+
+
+SCENARIOS = {"engine": run_engine, "logits": run_logits, "devices": run_devices, "handler": run_handler}
+
+
+def main() -> None:
+    scenario, out_dir, source = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if scenario != "handler":  # the handler joins the process group itself
+        init_process_group(rank_device())
+    results = SCENARIOS[scenario](source, rank, world_size)
+    torch.save(results, out_dir / f"rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # leave together (see generate.main)
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    exit_rank(0)  # see gpt_fast_mixtral.generate.exit_rank
