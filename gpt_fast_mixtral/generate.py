@@ -175,6 +175,9 @@ class Engine:
             raise GenerationError("max_new_tokens must be at least 1")
         if any(not isinstance(stop, str) or not stop for stop in params.stop):
             raise GenerationError("every stop string must be a non-empty string")
+        if params.temperature < 0 or (params.top_p is not None and not 0 < params.top_p <= 1) or (
+                params.top_k is not None and params.top_k < 1):
+            raise GenerationError("temperature must be >= 0, top_p in (0, 1] and top_k >= 1")
         total = len(prompt_tokens) + params.max_new_tokens
         if total > self.max_seq_len:
             raise GenerationError(
@@ -236,10 +239,6 @@ class Engine:
 
     def _settings(self, params: Sequence[SamplingParams]) -> SamplingTensors:
         vocab = self.model.args.vocab_size
-        for p in params:
-            if p.temperature < 0 or (p.top_p is not None and not 0 < p.top_p <= 1) or (
-                    p.top_k is not None and p.top_k < 1):
-                raise GenerationError("temperature must be >= 0, top_p in (0, 1] and top_k >= 1")
 
         def tensor(values: list, dtype: torch.dtype) -> Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
