@@ -20,15 +20,19 @@ from gpt_fast_mixtral.kernels.moe import MoEConfig, fused_moe  # noqa: E402
 
 CONFIGS = {
     "tiled": MoEConfig(gemv_max_slots=0),
+    "tiled_nomagic": MoEConfig(gemv_max_slots=0, int8_magic=False),
     "tiled_d128s4": MoEConfig(gemv_max_slots=0, gate_up_block_d=128, gate_up_stages=4, down_block_o=64, split=8),
     "gemv": MoEConfig(gemv_max_slots=1 << 30),
+    "gemv_nomagic": MoEConfig(gemv_max_slots=1 << 30, int8_magic=False),
     "gemv_i32": MoEConfig(gemv_max_slots=1 << 30, gemv_block_i=32, gemv_block_d=256),
     "gemv_i8": MoEConfig(gemv_max_slots=1 << 30, gemv_block_i=8, gemv_block_d=1024),
+    "gemv_d1024": MoEConfig(gemv_max_slots=1 << 30, gemv_block_d=1024, gemv_down_block_i=1024),
     "gemv_w8": MoEConfig(gemv_max_slots=1 << 30, gemv_warps=8),
-    "gemv_w2": MoEConfig(gemv_max_slots=1 << 30, gemv_warps=2, gemv_block_d=256),
-    "gemv_o32": MoEConfig(gemv_max_slots=1 << 30, gemv_down_block_o=32, gemv_down_block_i=256),
-    "gemv_o8_s4": MoEConfig(gemv_max_slots=1 << 30, gemv_down_block_o=8, gemv_split=4),
-    "gemv_s1": MoEConfig(gemv_max_slots=1 << 30, gemv_split=1),
+    "gemv_w8_d1024": MoEConfig(gemv_max_slots=1 << 30, gemv_warps=8, gemv_block_d=1024, gemv_down_block_i=1024),
+    "gemv_o16": MoEConfig(gemv_max_slots=1 << 30, gemv_down_block_o=16),
+    "gemv_o4": MoEConfig(gemv_max_slots=1 << 30, gemv_down_block_o=4, gemv_down_block_i=1024),
+    "gemv_s2": MoEConfig(gemv_max_slots=1 << 30, gemv_split=2),
+    "gemv_s8": MoEConfig(gemv_max_slots=1 << 30, gemv_split=8),
 }
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt_fast_mixtral.config import ModelArgs
+from gpt_fast_mixtral.kernels import attention as attention_kernels
 from gpt_fast_mixtral.kernels import moe as fused_moe_kernels
 
 
@@ -63,6 +64,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    # One-token steps on a GPU use kernels/attention.py (False: SDPA with a mask, as prefill does).
+    decode_kernel = True
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -82,6 +86,11 @@ class Attention(nn.Module):
 
         assert self.kv_cache is not None, "call Transformer.setup_caches() before running the model"
         keys, values = self.kv_cache.update(input_pos, k, v)
+        if seq_len == 1 and self.decode_kernel and attention_kernels.available(x):
+            # Reads each row's filled slots only (the SDPA below reads all max_seq_len of them).
+            out = attention_kernels.decode_attention(q[:, :, 0], keys, values, input_pos[:, 0] + 1,
+                                                     self.sliding_window)
+            return self.wo(out.view(batch, 1, q_size))
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
         mask = self._mask(input_pos, keys.shape[2])
@@ -130,11 +139,14 @@ class ConditionalFeedForward(nn.Module):
         return getattr(self, name)[index], None
 
     def forward(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor:
+        """sum_k expert_weights[n, k] * expert_{expert_indices[n, k]}(x[n]); an id < 0 is no expert (its
+        weight must be 0): expert parallelism marks the slots of other ranks' experts so."""
         num_tokens, top_k = expert_indices.shape
         num_experts = self.w1.shape[0]
         if num_tokens <= self.fused_max_tokens and fused_moe_kernels.available(x):
             return fused_moe_kernels.fused_moe(x, self.w1, self.w2, self.w3, expert_weights, expert_indices,
                                                self.fused_scales())
+        expert_indices = expert_indices.clamp(min=0)  # a slot of no expert: expert 0 at weight 0
         if num_tokens * top_k < num_experts:
             return self._gathered(x, expert_weights, expert_indices)
         if num_tokens <= self.dense_max_tokens:

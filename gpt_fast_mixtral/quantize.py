@@ -22,6 +22,7 @@ from gpt_fast_mixtral.checkpoint import (
     write_streaming,
 )
 from gpt_fast_mixtral.config import load_model_args
+from gpt_fast_mixtral.kernels import linear as linear_kernels
 from gpt_fast_mixtral.model import ConditionalFeedForward, MOEFeedForward, Transformer
 
 SCALE_DTYPE = torch.bfloat16
@@ -38,6 +39,10 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class WeightOnlyInt8Linear(nn.Module):
+    # Decode-sized inputs on a GPU take the Triton kernel (weights read once, dequantised in registers);
+    # prefill dequantises the weight and uses cuBLAS.
+    kernel_config = linear_kernels.DEFAULT_CONFIG
+
     def __init__(self, in_features: int, out_features: int, device: torch.device | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -45,6 +50,9 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
+        if (linear_kernels.available(x) and x.numel() <= x.shape[-1] * self.kernel_config.max_tokens
+                and self.weight.is_contiguous()):
+            return linear_kernels.int8_linear(x, self.weight, self.scales, self.kernel_config)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
 

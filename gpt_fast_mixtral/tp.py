@@ -132,15 +132,10 @@ def apply_tensor_parallel(model: Transformer, rank: int, world_size: int, mode: 
 class ExpertParallelExperts(nn.Module):
     """One rank's experts of one layer, [first_expert, first_expert + E_local), called with global ids.
 
-    Slots routed to another rank's expert get routing weight 0 here and contribute nothing; the
-    all-reduce after the MoE block adds every rank's share. What a zero-weighted slot costs depends on the
-    path ConditionalFeedForward takes: nothing in the dense path (every local expert runs anyway) or the
-    grouped path (it skips zero-weighted slots). The gathered path (static shapes, for CUDA graphs) and
-    the fused kernels (decode, and prefill up to fused_max_tokens) have no way to skip a slot: there it
-    still runs through a local expert, so about (W - 1) / W of the slots are computed for nothing and,
-    in the matrix-vector kernels, each reads a whole expert. Such slots are spread over the local experts
-    by global id, so that no single local expert takes them all. A kernel that skipped slots of weight 0
-    (or a sentinel id) would remove that cost.
+    A slot routed to another rank's expert gets id -1 (no expert) and routing weight 0 here and
+    contributes nothing; the all-reduce after the MoE block adds every rank's share. The fused kernels
+    skip such slots (no weight is read for them); the PyTorch paths run them through local expert 0 at
+    weight 0 (the dense and grouped paths cost nothing extra for it, the gathered one a slot's work).
     """
 
     def __init__(self, experts: ConditionalFeedForward, first_expert: int) -> None:
@@ -155,8 +150,7 @@ class ExpertParallelExperts(nn.Module):
         num_local = self.experts.w1.shape[0]
         local = expert_indices - self.first_expert
         here = (local >= 0) & (local < num_local)
-        local = torch.where(here, local, expert_indices % num_local)
-        return self.experts(x, expert_weights.masked_fill(~here, 0), local)
+        return self.experts(x, expert_weights.masked_fill(~here, 0), local.masked_fill(~here, -1))
 
 
 def _all_reduce_output(group: dist.ProcessGroup | None):

@@ -6,6 +6,15 @@ loads a converted checkpoint; measures copy bandwidth in the same process; repor
 ceiling and the share of it; writes JSON (device, torch version, command) for benchmarks/results/.
 
     python scripts/benchmark.py --precision int8 --out benchmarks/results/h200_int8.json
+
+Tensor or expert parallel (gpt_fast_mixtral/tp.py) over N GPUs, one rank per GPU: every rank builds its
+shard of the random model on its own GPU and runs the same requests in lockstep; rank 0 reports.
+
+    torchrun --standalone --nproc-per-node 2 scripts/benchmark.py --parallel tp --precision int8 \\
+        --baseline-json single.json --out tp2.json
+
+`--device cpu --config tiny` is a smoke mode (a tiny Mixtral-shaped model on the CPU, gloo under torchrun)
+that runs the same code paths for the tests; only --device cuda reports real numbers.
 """
 
 from __future__ import annotations
@@ -17,19 +26,34 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
+import zlib
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
-from gpt_fast_mixtral.generate import Engine, SamplingParams  # noqa: E402
+from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
+from gpt_fast_mixtral.tp import PARALLEL_MODES, apply_tensor_parallel, init_process_group  # noqa: E402
 
 MIXTRAL_8X7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                          intermediate_size=14336, num_experts=8, num_experts_per_tok=2)
+# Mixtral's layout in miniature, for the CPU smoke mode: heads, kv heads, experts and the intermediate
+# size all divide by 1, 2 and 4, so tp and ep both run on up to 4 ranks.
+TINY = ModelArgs(vocab_size=512, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8, intermediate_size=128,
+                 num_experts=8, num_experts_per_tok=2, max_position_embeddings=4096)
+CONFIGS = {"mixtral-8x7b": MIXTRAL_8X7B, "tiny": TINY}
+
+CEILING_NOTE = ("ceiling = world_size x copy bandwidth / bytes one rank reads per token (its 1/world_size of "
+                "the attention and routed expert weights, plus the output head, which every rank holds); it "
+                "ignores the all-reduce latency (two per layer) and, as the single-GPU count does, the router "
+                "gates and the embedding row; under ep it assumes the routed experts spread evenly over the ranks")
 
 
 class NullTokenizer:
@@ -47,17 +71,37 @@ class NullTokenizer:
         return b"x"
 
 
-def random_model(args: ModelArgs, precision: str, device: str) -> torch.nn.Module:
-    """Random weights of the real shape, made on the device (no 90 GB checkpoint needed)."""
+def is_replicated(name: str) -> bool:
+    """Whether tp.py leaves this state-dict entry whole on every rank (embedding, norms, router, head)."""
+    return name.startswith(("tok_embeddings.", "norm.", "output.")) or name.endswith(
+        ("_norm.weight", "block_sparse_moe.gate.weight"))
+
+
+def tensor_seed(name: str) -> int:
+    """A seed from the tensor's name that is the same in every process (Python's hash() is salted)."""
+    return zlib.crc32(name.encode())
+
+
+def random_model(args: ModelArgs, precision: str, device: str | torch.device,
+                 shard: partial | None = None) -> torch.nn.Module:
+    """Random weights of the real shape, made on the device (no 90 GB checkpoint needed).
+
+    `shard` (apply_tensor_parallel with rank, world size and mode bound) runs on the meta model, so each
+    rank allocates and fills only its part. Every tensor draws from a generator seeded by its name: the
+    replicated ones (embedding, norms, router gates, head) come out identical on every rank, and so every
+    rank routes every token the same way.
+    """
     model = meta_model(args).to(torch.bfloat16)  # still on meta: float32 would not fit the GPU
     if precision == "int8":
         model = quantize_int8(model)
+    if shard is not None:
+        model = shard(model)  # on meta: only the shapes change
     model = model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
+            generator = torch.Generator(device=tensor.device).manual_seed(tensor_seed(name))
             if tensor.dtype == torch.int8:
-                tensor.copy_(torch.randint(-127, 128, tensor.shape, generator=generator, device=device,
+                tensor.copy_(torch.randint(-127, 128, tensor.shape, generator=generator, device=tensor.device,
                                            dtype=torch.int8))
             elif name.endswith("scales"):
                 tensor.fill_(0.02 / 64)
@@ -68,74 +112,117 @@ def random_model(args: ModelArgs, precision: str, device: str) -> torch.nn.Modul
     return model.to(torch.bfloat16).eval().requires_grad_(False)
 
 
-def copy_bandwidth(device: str, gigabytes: float = 4.0) -> float:
+def check_replicated(model: torch.nn.Module) -> None:
+    """Raise if a replicated weight differs between ranks (the ranks would then route tokens differently)."""
+    entries = [(name, tensor) for name, tensor in model.state_dict().items() if is_replicated(name)]
+    sums = torch.stack([tensor.sum(dtype=torch.float64) for _, tensor in entries])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, dist.ReduceOp.MIN)
+    dist.all_reduce(high, dist.ReduceOp.MAX)
+    differ = [name for (name, _), a, b in zip(entries, low.tolist(), high.tolist(), strict=True) if a != b]
+    if differ:
+        raise RuntimeError(f"replicated weights differ between ranks: {', '.join(differ[:5])}")
+
+
+def copy_bandwidth(device: str | torch.device, gigabytes: float = 4.0) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
     numel = int(gigabytes * 1e9 / 2)
-    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
+    with torch.cuda.device(device):
+        src = torch.randn(numel, device=device, dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(12):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        del src, dst
+        torch.cuda.empty_cache()
     return 2 * numel * 2 / statistics.median(times[2:])
 
 
-def bytes_per_token(args: ModelArgs, precision: str, batch: int = 1) -> float:
-    """Weight bytes one decode step must read: attention + routed experts + head (PERF.md's count)."""
+def bytes_per_token(args: ModelArgs, precision: str, batch: int = 1, world_size: int = 1) -> float:
+    """Weight bytes one decode step must read (PERF.md's count: attention + routed experts + head); with
+    `world_size` ranks, what one rank reads: its share of attention and experts, and the whole head,
+    which every rank holds."""
     weight_bytes = 1 if precision == "int8" else 2
     attention = args.dim * args.qkv_out_features + args.n_heads * args.head_dim * args.dim
     expert = 3 * args.dim * args.intermediate_size
     touched = args.num_experts * (1 - (1 - args.num_experts_per_tok / args.num_experts) ** batch)
     per_layer = attention + touched * expert
-    return (args.n_layers * per_layer + args.vocab_size * args.dim) * weight_bytes
+    sharded = args.n_layers * per_layer * weight_bytes
+    head = args.vocab_size * args.dim * weight_bytes
+    return sharded / world_size + head
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_generate(engine: Engine, prompt: list[list[int]], new_tokens: int) -> tuple[float, float]:
     params = [SamplingParams(max_new_tokens=new_tokens)] * len(prompt)
-    torch.cuda.synchronize()
+    synchronize(engine.device)
+    if dist.is_initialized():
+        dist.barrier()  # every rank starts the clock together: no rank's time includes waiting for another
+        synchronize(engine.device)
     start = time.perf_counter()
     result = engine.generate(prompt, params)[0]
-    torch.cuda.synchronize()
+    synchronize(engine.device)
     total = time.perf_counter() - start
     return total, result.time_to_first_token_s
 
 
-def profile_decode(engine: Engine, prompt: list[list[int]], steps: int = 20) -> None:
-    """Print the GPU kernels of `steps` decode steps, most expensive first (CUPTI sees into CUDA graphs)."""
+def profile_decode(engine: Engine, prompt: list[list[int]], steps: int = 20, show: bool = True) -> None:
+    """Print the kernels of `steps` decode steps, most expensive first (CUPTI sees into CUDA graphs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         time_generate(engine, prompt, steps)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    if show:
+        sort_by = "cuda_time_total" if cuda else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=70))
 
 
-def run(options: argparse.Namespace) -> dict:
-    device = "cuda"
+def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_size: int = 1) -> dict:
+    cuda = device.type == "cuda"
+    compile_step = cuda and not options.no_compile
     torch.manual_seed(0)
-    bandwidth = copy_bandwidth(device)
+    bandwidth = None
+    if cuda:
+        bandwidth = copy_bandwidth(device)  # every rank measures its own GPU; rank 0's is reported
+        torch.cuda.reset_peak_memory_stats(device)  # peak memory is the model's, not the copy test's
+    shard = None
+    if options.parallel:
+        shard = partial(apply_tensor_parallel, rank=rank, world_size=world_size, mode=options.parallel)
     build_start = time.perf_counter()
     if options.checkpoint_path:
+        # Each rank copies only its shards to its GPU (the replicated weights move with the model after).
         engine = Engine.from_checkpoint(options.checkpoint_path, device=device, dtype=torch.bfloat16,
-                                        max_batch_size=options.batch_size, max_seq_len=options.max_seq_len,
-                                        compile=not options.no_compile)
+                                        transform=shard and partial(shard, device=device),
+                                        max_batch_size=options.batch_size,
+                                        max_seq_len=options.max_seq_len, compile=compile_step)
         args = engine.model.args
     else:
-        args = MIXTRAL_8X7B
-        model = random_model(args, options.precision, device)
+        args = CONFIGS[options.config]
+        model = random_model(args, options.precision, device, shard)
+        if dist.is_initialized():
+            check_replicated(model)
         engine = Engine(model, NullTokenizer(args.vocab_size), max_batch_size=options.batch_size,  # type: ignore[arg-type]
-                        max_seq_len=options.max_seq_len, compile=not options.no_compile)
+                        max_seq_len=options.max_seq_len, compile=compile_step)
     build_s = time.perf_counter() - build_start
     for module in engine.model.modules():
         if hasattr(module, "dense_max_tokens") and options.moe_impl == "gather":
             module.dense_max_tokens = module.fused_max_tokens = 0
         elif hasattr(module, "fused_max_tokens") and options.fused_max_tokens is not None:
             module.fused_max_tokens = options.fused_max_tokens
-    prompt = [[1] + [100 + i for i in range(options.prompt_len - 1)] for _ in range(options.batch_size)]
+    token_range = min(30000, args.vocab_size - 100)  # prompt ids 100, 101, ... wrap inside the vocabulary
+    prompt = [[1] + [100 + (i % token_range) for i in range(options.prompt_len - 1)]
+              for _ in range(options.batch_size)]
 
     compile_start = time.perf_counter()
     time_generate(engine, prompt, 4)  # compiles (or loads from the FX graph cache) the decode step
@@ -147,39 +234,49 @@ def run(options: argparse.Namespace) -> dict:
     decode_tok_s = statistics.median(decode_rates)
 
     if options.profile:
-        profile_decode(engine, prompt)
+        profile_decode(engine, prompt, show=rank == 0)  # every rank runs it: the steps are collective
 
     ttft_ms = {}
     for length in options.ttft_lengths:
         if length + 2 > engine.max_seq_len:
             continue
-        long_prompt = [[1] + [100 + (i % 30000) for i in range(length - 1)]]
+        long_prompt = [[1] + [100 + (i % token_range) for i in range(length - 1)]]
         time_generate(engine, long_prompt, 1)
         samples = [time_generate(engine, long_prompt, 1)[1] for _ in range(3)]
         ttft_ms[str(length)] = round(1e3 * statistics.median(samples), 2)
 
-    ceiling = bandwidth / bytes_per_token(args, options.precision, options.batch_size)
-    return {
-        "device": torch.cuda.get_device_name(),
+    rank_bytes = bytes_per_token(args, options.precision, options.batch_size, world_size)
+    ceiling = None if bandwidth is None else world_size * bandwidth / rank_bytes
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    if options.parallel:
+        command = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', world_size)} {command}"
+    result = {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "torch": torch.__version__,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command,
         "precision": options.precision,
         "moe_impl": options.moe_impl,
-        "compile": not options.no_compile,
+        "compile": compile_step,
+        "parallel": options.parallel or "none",
+        "world_size": world_size,
         "batch_size": options.batch_size,
         "prompt_len": options.prompt_len,
         "new_tokens": options.new_tokens,
-        "copy_bandwidth_tb_s": round(bandwidth / 1e12, 3),
+        "copy_bandwidth_tb_s": None if bandwidth is None else round(bandwidth / 1e12, 3),
         "bytes_per_token_gb": round(bytes_per_token(args, options.precision, options.batch_size) / 1e9, 3),
-        "ceiling_tok_s": round(ceiling * options.batch_size, 1),
+        "ceiling_tok_s": None if ceiling is None else round(ceiling * options.batch_size, 1),
         "decode_tok_s": round(decode_tok_s * options.batch_size, 1),
         "decode_tok_s_runs": [round(r * options.batch_size, 1) for r in decode_rates],
-        "share_of_ceiling": round(decode_tok_s / ceiling, 3),
+        "share_of_ceiling": None if ceiling is None else round(decode_tok_s / ceiling, 3),
         "ttft_ms": ttft_ms,
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None,
         "build_s": round(build_s, 1),
         "first_call_s (compile or cache load)": round(first_call_s, 1),
     }
+    if options.parallel:
+        result["bytes_per_token_per_rank_gb"] = round(rank_bytes / 1e9, 3)
+        result["ceiling_note"] = CEILING_NOTE
+    return result
 
 
 def measure_compile_cache(options: argparse.Namespace) -> dict:
@@ -197,10 +294,54 @@ def measure_compile_cache(options: argparse.Namespace) -> dict:
     return {"compile_cold_s": times["cold"], "compile_warm_fx_cache_s": times["warm"]}
 
 
-def main() -> int:
+def read_baseline(path: Path) -> dict:
+    """The single-GPU result that --baseline-json names; exits with a message if it cannot be used."""
+    try:
+        baseline = json.loads(path.read_text())
+        float(baseline["decode_tok_s"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        message = f"error: --baseline-json {path}: not a benchmark result with decode_tok_s ({error!r})"
+        raise SystemExit(message) from None
+    return baseline
+
+
+def add_baseline(result: dict, baseline: dict, path: Path) -> list[str]:
+    """Add speedup_vs_single and baseline to `result`; return warnings where the runs do not compare."""
+    result["speedup_vs_single"] = round(result["decode_tok_s"] / baseline["decode_tok_s"], 3)
+    result["baseline"] = {"path": str(path), "decode_tok_s": baseline["decode_tok_s"],
+                          "parallel": baseline.get("parallel", "none"), "world_size": baseline.get("world_size", 1)}
+    return [f"warning: the baseline's {key} is {baseline.get(key)!r}, this run's {result[key]!r}"
+            for key in ("device", "precision", "batch_size", "moe_impl", "compile") if baseline.get(key) != result[key]]
+
+
+def summary_line(result: dict, options: argparse.Namespace) -> str:
+    where = result["device"] if result["world_size"] == 1 else f"{result['world_size']}x {result['device']}"
+    mode = "" if result["parallel"] == "none" else f" {result['parallel']}"
+    line = f"{where}{mode} {options.precision} batch {options.batch_size}: {result['decode_tok_s']} tok/s"
+    if result["share_of_ceiling"] is None:
+        line += " (no ceiling: copy bandwidth is only measured on a GPU)"
+    else:
+        line += (f" = {100 * result['share_of_ceiling']:.0f}% of the {result['ceiling_tok_s']} tok/s ceiling "
+                 f"({result['copy_bandwidth_tb_s']} TB/s)")
+    if "speedup_vs_single" in result:
+        line += (f"; {result['speedup_vs_single']}x the single run's {result['baseline']['decode_tok_s']} tok/s "
+                 f"({result['baseline']['path']})")
+    return f"{line}; TTFT ms {result['ttft_ms']}"
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", choices=["int8", "bf16"], default="int8")
     parser.add_argument("--checkpoint-path", type=Path, default=None, help="a converted model (else random)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="mixtral-8x7b",
+                        help="shape of the random model (tiny: the CPU smoke mode's)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: smoke mode for tests (no compile, no copy bandwidth, no ceiling)")
+    parser.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
+                        help="under torchrun: tp slices every expert, ep gives each rank whole experts "
+                             "(attention is split by heads in both); one rank per GPU")
+    parser.add_argument("--baseline-json", type=Path, default=None,
+                        help="a single-GPU result of the same session: adds speedup_vs_single")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=200)
@@ -219,16 +360,47 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     parser.add_argument("--json-only", action="store_true")
     options = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
-        return 1
-    import torch._inductor.config as inductor_config
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if options.parallel is None and world_size > 1:
+        parser.error(f"started on {world_size} ranks (torchrun): pass --parallel tp or --parallel ep")
+    if options.parallel and "RANK" not in os.environ:
+        parser.error("--parallel runs one process per GPU: start it with torchrun --nproc-per-node N")
+    if options.device == "cpu" and options.config != "tiny" and options.checkpoint_path is None:
+        parser.error("--device cpu is a smoke mode for the tests: use it with --config tiny")
+    if options.compile_cache and (options.parallel or options.device == "cpu"):
+        parser.error("--compile-cache runs single-GPU processes: leave out --parallel and --device cpu")
+    return options
 
-    inductor_config.fx_graph_cache = True
-    inductor_config.coordinate_descent_tuning = True
-    result = run(options)
+
+def benchmark(options: argparse.Namespace) -> int:
+    """Run the benchmark in this process (one rank of several under --parallel); rank 0 reports."""
+    baseline = read_baseline(options.baseline_json) if options.baseline_json else None
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if options.device == "cuda":
+        if not torch.cuda.is_available():
+            print("error: the benchmark needs a CUDA GPU (--device cpu --config tiny is the smoke mode)",
+                  file=sys.stderr)
+            return 1
+        index = int(os.environ.get("LOCAL_RANK", "0")) if options.parallel else torch.cuda.current_device()
+        device = torch.device("cuda", index)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+        inductor_config.coordinate_descent_tuning = True
+    else:
+        device = torch.device("cpu")
+    if options.parallel:
+        init_process_group(device)  # NCCL on this rank's GPU, gloo on the CPU
+    result = run(options, device, rank, world_size)
     if options.compile_cache:
         result.update(measure_compile_cache(options))
+    if dist.is_initialized():
+        dist.barrier()  # leave together (see generate.main)
+    if rank != 0:
+        return 0
+    warnings = add_baseline(result, baseline, options.baseline_json) if baseline else []
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     if options.out:
         options.out.parent.mkdir(parents=True, exist_ok=True)
         options.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -236,11 +408,30 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     print(json.dumps(result, indent=2))
-    print(f"\n{result['device']} {options.precision} batch {options.batch_size}: "
-          f"{result['decode_tok_s']} tok/s = {100 * result['share_of_ceiling']:.0f}% of the "
-          f"{result['ceiling_tok_s']} tok/s ceiling ({result['copy_bandwidth_tb_s']} TB/s); "
-          f"TTFT ms {result['ttft_ms']}")
+    print(f"\n{summary_line(result, options)}")
     return 0
+
+
+def main() -> int:
+    options = parse_args()
+    if not options.parallel:
+        return benchmark(options)
+    # One rank of a torchrun job. A rank that fails says so and exits; torchrun then stops the others
+    # (they would wait in a collective). Ranks end through exit_rank (see gpt_fast_mixtral.generate).
+    try:
+        status = benchmark(options)
+    except SystemExit as error:
+        print(error, file=sys.stderr)
+        status = 2
+    except BaseException:
+        print(f"error on rank {os.environ.get('RANK')}:", file=sys.stderr)
+        traceback.print_exc()
+        status = 1
+    else:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    exit_rank(status)
+    return status  # not reached
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from gpt_fast_mixtral.kernels.attention import decode_attention, reference_decode_attention
+from gpt_fast_mixtral.kernels.linear import LinearConfig, int8_linear, reference_int8_linear
 from gpt_fast_mixtral.kernels.moe import MoEConfig, fused_moe, reference_moe
 from gpt_fast_mixtral.quantize import quantize_per_channel
 
@@ -67,3 +71,112 @@ def test_one_expert_taking_more_tokens_than_a_block():
     indices = torch.stack([torch.zeros(50, dtype=torch.long), torch.full((50,), 3)], dim=1).cuda()
     got = fused_moe(x, w1, w2, w3, weights, indices)
     assert relative_error(got, reference_moe(x, w1, w2, w3, weights, indices)) < 1e-5
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("magic", [True, False])
+def test_slots_with_no_expert_add_nothing(path, magic):
+    # Expert parallelism marks other ranks' experts -1 (weight 0); NaN weights prove they are never read.
+    x, w1, w2, w3, weights, indices = make_inputs(6, 5, 2, 96, 200, torch.bfloat16, seed=3)
+    indices, weights = indices.clone(), weights.clone()
+    indices[0, 1] = indices[3, 0] = indices[5, 1] = -1
+    weights[0, 1] = weights[3, 0] = weights[5, 1] = 0
+    (q1, s1), (q2, s2), (q3, s3) = (quantize_per_channel(w) for w in (w1, w2, w3))
+    config = dataclasses.replace(PATHS[path], int8_magic=magic)
+    got = fused_moe(x, q1, q2, q3, weights, indices, scales=(s1, s2, s3), config=config)
+    expected = reference_moe(x, q1, q2, q3, weights, indices, scales=(s1, s2, s3))
+    assert relative_error(got, expected) < 1e-2
+    all_skipped = fused_moe(x[:1], q1, q2, q3, torch.zeros_like(weights[:1]), torch.full_like(indices[:1], -1),
+                            scales=(s1, s2, s3), config=config)
+    assert torch.equal(all_skipped, torch.zeros_like(x[:1]))
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_int8_conversion_trick_equals_plain_conversion(shape, path):
+    x, w1, w2, w3, weights, indices = make_inputs(*shape, torch.bfloat16, seed=11 + sum(shape))
+    quantized = [quantize_per_channel(w) for w in (w1, w2, w3)]
+    # Every int8 value, so the conversion of each byte is exercised.
+    quantized[0] = (torch.arange(quantized[0][0].numel(), device="cuda").remainder(255).sub(127)
+                    .to(torch.int8).view_as(quantized[0][0]), quantized[0][1])
+    weights_q, scales = [q for q, _ in quantized], tuple(s for _, s in quantized)
+    results = [fused_moe(x, *weights_q, weights, indices, scales=scales,
+                         config=dataclasses.replace(PATHS[path], int8_magic=magic)) for magic in (True, False)]
+    assert relative_error(results[0], results[1].float()) < 1e-3
+
+
+LINEAR_SHAPES = [(1, 40, 100), (1, 6144, 4096), (3, 96, 200), (16, 130, 64), (9, 4096, 512)]
+
+
+@pytest.mark.parametrize("magic", [True, False])
+@pytest.mark.parametrize("rows,n,k", LINEAR_SHAPES)
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_int8_linear_matches_reference(rows, n, k, dtype, bound, magic):
+    generator = torch.Generator(device="cuda").manual_seed(rows + n + k)
+    x = torch.randn(rows, k, device="cuda", generator=generator).to(dtype)
+    weight, scales = quantize_per_channel(torch.randn(n, k, device="cuda", generator=generator))
+    if n * k >= 255:  # every int8 value
+        weight = torch.arange(n * k, device="cuda").remainder(255).sub(127).to(torch.int8).view(n, k)
+    got = int8_linear(x, weight, scales, LinearConfig(int8_magic=magic))
+    assert got.dtype == dtype and got.shape == (rows, n)
+    assert relative_error(got, reference_int8_linear(x, weight, scales)) < bound
+
+
+def test_int8_linear_layer_uses_the_kernel_for_decode_and_cublas_for_prefill():
+    from gpt_fast_mixtral.quantize import WeightOnlyInt8Linear
+
+    layer = WeightOnlyInt8Linear(256, 96, device="cuda")
+    layer.weight, layer.scales = quantize_per_channel(torch.randn(96, 256, device="cuda"))
+    for tokens in (1, 4, 16, 17, 64):
+        x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.bfloat16)[:1]
+        expected = reference_int8_linear(x, layer.weight, layer.scales)
+        assert relative_error(layer(x), expected) < 1e-2
+
+
+ATTENTION_SHAPES = [  # batch, query heads, kv heads, cache slots, head_dim, filled lengths
+    (3, 6, 2, 100, 32, [1, 37, 100]),
+    (2, 6, 3, 50, 12, [3, 50]),
+    (1, 32, 8, 8448, 128, [5000]),
+    (2, 4, 4, 300, 64, [64, 299]),
+]
+
+
+@pytest.mark.parametrize("window", [None, 10, 4096])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_decode_attention_matches_reference(shape, window, dtype, bound):
+    batch, heads, kv_heads, slots, head_dim, lengths = shape
+    generator = torch.Generator(device="cuda").manual_seed(slots + head_dim)
+    q = torch.randn(batch, heads, head_dim, device="cuda", generator=generator).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, slots, head_dim, device="cuda", generator=generator).to(dtype)
+            for _ in range(2))
+    lengths = torch.tensor(lengths, device="cuda")
+    # Slots past a row's length hold garbage that must not be read.
+    for b, length in enumerate(lengths.tolist()):
+        k[b, :, length:] = float("nan")
+        v[b, :, length:] = float("nan")
+    got = decode_attention(q, k, v, lengths, window)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert relative_error(got, reference_decode_attention(q, k, v, lengths, window)) < bound
+
+
+def test_model_decode_step_with_the_attention_kernel_equals_sdpa(tmp_path):
+    from gpt_fast_mixtral.checkpoint import convert_checkpoint, load_model
+    from gpt_fast_mixtral.model import Attention
+    from gpt_fast_mixtral.tiny_model import make_tiny_model
+
+    checkpoint = convert_checkpoint(make_tiny_model(tmp_path, seed=5, dtype=torch.float32, sliding_window=6))
+    model = load_model(checkpoint, device="cuda", dtype=torch.float32)
+    model.setup_caches(2, 32)
+    tokens = torch.randint(3, model.args.vocab_size, (2, 12), device="cuda")
+    logits = {}
+    with torch.inference_mode():
+        model(tokens[:, :10], torch.arange(10, device="cuda").expand(2, 10))
+        positions = torch.tensor([[10], [4]], device="cuda")  # rows at different lengths
+        for use_kernel in (True, False):
+            Attention.decode_kernel = use_kernel
+            try:
+                logits[use_kernel] = model(tokens[:, 10:11], positions)
+            finally:
+                Attention.decode_kernel = True
+    assert relative_error(logits[True], logits[False].float()) < 1e-5

@@ -31,12 +31,14 @@ def available(x: Tensor) -> bool:
 
 def reference_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor,
                   expert_indices: Tensor, scales: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-    """sum_k routing_weights[n, k] * expert_{idx[n, k]}(x[n]) in float32."""
+    """sum_k routing_weights[n, k] * expert_{idx[n, k]}(x[n]) in float32; an id < 0 is no expert."""
     x32 = x.float()
     out = torch.zeros_like(x32)
     for n in range(x.shape[0]):
         for k in range(expert_indices.shape[1]):
             e = int(expert_indices[n, k])
+            if e < 0:
+                continue
             weights = [w[e].float() for w in (w1, w2, w3)]
             if scales is not None:
                 weights = [w * s[e].float()[:, None] for w, s in zip(weights, scales, strict=True)]
@@ -48,9 +50,20 @@ def reference_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights
 if triton is not None:
 
     @triton.jit
+    def dequant(w, dtype: tl.constexpr, MAGIC: tl.constexpr):
+        """w (int8 or float) as `dtype`. With MAGIC, int8 to float32 avoids the integer-to-float conversion
+        (a quarter-rate instruction on Hopper): the byte goes into the low mantissa bits of 2**23
+        (2**23 + 128 + w as float32, exact), and one subtraction leaves w. Measured on an H200
+        (benchmarks/sweep_moe.py): matrix-vector experts 135 -> 121 us per layer; for bfloat16 tiles
+        the same trick (taking the top half of that float32) was slower than the plain conversion."""
+        if MAGIC and w.dtype == tl.int8 and dtype == tl.float32:
+            return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        return w.to(dtype)
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, slot_token_ptr, offsets_ptr, counts_ptr,
                         dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
-                        HAS_SCALES: tl.constexpr, IEEE: tl.constexpr,
+                        HAS_SCALES: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
         expert = tl.program_id(0)
         offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -70,8 +83,8 @@ if triton is not None:
                 x = tl.load(x_ptr + token[:, None].to(tl.int64) * stride_x + offs_d[None, :],
                             mask=mask_t[:, None] & mask_d[None, :], other=0.0)
                 w_mask = mask_i[:, None] & mask_d[None, :]
-                w1 = tl.load(w1_ptr + w_base + offs_d[None, :], mask=w_mask, other=0).to(x.dtype)
-                w3 = tl.load(w3_ptr + w_base + offs_d[None, :], mask=w_mask, other=0).to(x.dtype)
+                w1 = dequant(tl.load(w1_ptr + w_base + offs_d[None, :], mask=w_mask, other=0), x.dtype, MAGIC)
+                w3 = dequant(tl.load(w3_ptr + w_base + offs_d[None, :], mask=w_mask, other=0), x.dtype, MAGIC)
                 if IEEE:
                     gate += tl.dot(x, tl.trans(w1), input_precision="ieee")
                     up += tl.dot(x, tl.trans(w3), input_precision="ieee")
@@ -89,7 +102,7 @@ if triton is not None:
     @triton.jit
     def _down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, slot_ptr, routing_ptr, offsets_ptr, counts_ptr,
                      dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
-                     HAS_SCALES: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+                     HAS_SCALES: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr, SPLIT: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
         expert = tl.program_id(0)
         offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -110,8 +123,8 @@ if triton is not None:
                 mask_i = offs_i < inter
                 h = tl.load(h_ptr + rows[:, None] * stride_h + offs_i[None, :],
                             mask=mask_t[:, None] & mask_i[None, :], other=0.0)
-                w2 = tl.load(w2_ptr + w_base + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
-                             other=0).to(h.dtype)
+                w2 = dequant(tl.load(w2_ptr + w_base + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
+                                     other=0), h.dtype, MAGIC)
                 if IEEE:
                     acc += tl.dot(h, tl.trans(w2), input_precision="ieee")
                 else:
@@ -127,23 +140,27 @@ if triton is not None:
     @triton.jit
     def _gate_up_gemv_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
                              dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
-                             HAS_SCALES: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+                             HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, BLOCK_I: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
         """One (token, k) slot per program row: a matrix-vector product on CUDA cores, no padded tiles."""
         slot = tl.program_id(0)
         offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         mask_i = offs_i < inter
         expert = tl.load(experts_ptr + slot).to(tl.int64)
+        # An id < 0 is no expert (expert parallelism: another rank's): no loads, h = 0.
+        dim_end = tl.where(expert < 0, 0, dim)
+        expert = tl.maximum(expert, 0)
         token = (slot // top_k).to(tl.int64)
         w_base = expert * stride_we + offs_i[:, None].to(tl.int64) * stride_wi
         gate = tl.zeros((BLOCK_I,), dtype=tl.float32)
         up = tl.zeros((BLOCK_I,), dtype=tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
+        for d0 in range(0, dim_end, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < dim
             x = tl.load(x_ptr + token * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             w_mask = mask_i[:, None] & mask_d[None, :]
-            w1 = tl.load(w1_ptr + w_base + offs_d[None, :], mask=w_mask, other=0).to(tl.float32)
-            w3 = tl.load(w3_ptr + w_base + offs_d[None, :], mask=w_mask, other=0).to(tl.float32)
+            w1 = dequant(tl.load(w1_ptr + w_base + offs_d[None, :], mask=w_mask, other=0), tl.float32, MAGIC)
+            w3 = dequant(tl.load(w3_ptr + w_base + offs_d[None, :], mask=w_mask, other=0), tl.float32, MAGIC)
             gate += tl.sum(w1 * x[None, :], axis=1)
             up += tl.sum(w3 * x[None, :], axis=1)
         if HAS_SCALES:
@@ -155,22 +172,24 @@ if triton is not None:
     @triton.jit
     def _down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr,
                           dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
-                          HAS_SCALES: tl.constexpr, SPLIT: tl.constexpr,
+                          HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, SPLIT: tl.constexpr,
                           BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
         slot = tl.program_id(0)
         offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         split = tl.program_id(2)
         mask_o = offs_o < dim
         expert = tl.load(experts_ptr + slot).to(tl.int64)
-        w_base = expert * stride_we + offs_o[:, None].to(tl.int64) * stride_wd
         split_len = tl.cdiv(tl.cdiv(inter, SPLIT), BLOCK_I) * BLOCK_I
+        split_end = tl.where(expert < 0, 0, tl.minimum((split + 1) * split_len, inter))  # no expert: zeros
+        expert = tl.maximum(expert, 0)
+        w_base = expert * stride_we + offs_o[:, None].to(tl.int64) * stride_wd
         acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        for i0 in range(split * split_len, tl.minimum((split + 1) * split_len, inter), BLOCK_I):
+        for i0 in range(split * split_len, split_end, BLOCK_I):
             offs_i = i0 + tl.arange(0, BLOCK_I)
             mask_i = offs_i < inter
             h = tl.load(h_ptr + slot.to(tl.int64) * stride_h + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-            w2 = tl.load(w2_ptr + w_base + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
-                         other=0).to(tl.float32)
+            w2 = dequant(tl.load(w2_ptr + w_base + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
+                                 other=0), tl.float32, MAGIC)
             acc += tl.sum(w2 * h[None, :], axis=1)
         if HAS_SCALES:
             acc *= tl.load(s2_ptr + expert * stride_se + offs_o, mask=mask_o, other=0.0).to(tl.float32)
@@ -199,12 +218,14 @@ class MoEConfig:
     # Measured on an H200 (benchmarks/sweep_moe.py): better than the tiles for batch 1 (2 or 3 slots),
     # worse from 4 slots on.
     gemv_max_slots: int = 3
-    gemv_block_i: int = 16
-    gemv_block_d: int = 512
+    gemv_block_i: int = 8
+    gemv_block_d: int = 1024
     gemv_down_block_o: int = 8
     gemv_down_block_i: int = 512
     gemv_split: int = 4
     gemv_warps: int = 4
+    # int8 weights to float without the conversion instruction (see `dequant`).
+    int8_magic: bool = True
 
 
 DEFAULT_CONFIG = MoEConfig()
@@ -212,14 +233,18 @@ DEFAULT_CONFIG = MoEConfig()
 
 def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor, expert_indices: Tensor,
               scales: tuple[Tensor, Tensor, Tensor] | None = None, config: MoEConfig = DEFAULT_CONFIG) -> Tensor:
-    """The MoE block's experts for x [N, D]: w1, w3 [E, I, D], w2 [E, D, I] (bf16/fp32, or int8 + scales)."""
+    """The MoE block's experts for x [N, D]: w1, w3 [E, I, D], w2 [E, D, I] (bf16/fp32, or int8 + scales).
+
+    A slot whose expert id is < 0 has no expert: it adds nothing and reads no weights."""
     num_tokens, top_k = expert_indices.shape
     num_experts, inter, dim = w1.shape
     if num_tokens * top_k <= config.gemv_max_slots:
         return _fused_moe_gemv(x, w1, w2, w3, routing_weights, expert_indices, scales, config)
     flat = expert_indices.flatten()
+    valid = flat >= 0
+    flat = torch.where(valid, flat, num_experts)  # slots with no expert sort last; no program runs them
     order = torch.argsort(flat, stable=True)  # slots grouped by expert
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offsets = torch.cumsum(counts, 0, dtype=torch.int32) - counts
     slot_token = (order // top_k).to(torch.int32)
@@ -239,14 +264,15 @@ def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Te
     _gate_up_kernel[(num_experts, triton.cdiv(inter, c.gate_up_block_i))](
         x, w1, w3, s1, s3, h, slot_token, offsets, counts,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
-        HAS_SCALES=has_scales, IEEE=ieee, BLOCK_T=c.block_t, BLOCK_I=c.gate_up_block_i,
+        HAS_SCALES=has_scales, IEEE=ieee, MAGIC=c.int8_magic, BLOCK_T=c.block_t, BLOCK_I=c.gate_up_block_i,
         BLOCK_D=c.gate_up_block_d, num_warps=c.gate_up_warps, num_stages=c.gate_up_stages)
     _down_kernel[(num_experts, triton.cdiv(dim, c.down_block_o), c.split)](
         h, w2, s2, y, order, routing_weights.flatten().contiguous(), offsets, counts,
         dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
-        y.stride(0), HAS_SCALES=has_scales, IEEE=ieee, SPLIT=c.split, BLOCK_T=c.block_t,
+        y.stride(0), HAS_SCALES=has_scales, IEEE=ieee, MAGIC=c.int8_magic, SPLIT=c.split, BLOCK_T=c.block_t,
         BLOCK_O=c.down_block_o, BLOCK_I=c.down_block_i, num_warps=c.down_warps, num_stages=c.down_stages)
-    return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+    y = torch.where(valid[:, None], y.sum(dim=0), 0.0)  # rows no program wrote hold garbage
+    return y.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
 
 
 def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor,
@@ -263,10 +289,11 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     _gate_up_gemv_kernel[(slots, triton.cdiv(inter, c.gemv_block_i))](
         x, w1, w3, s1, s3, h, experts, top_k,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
-        HAS_SCALES=has_scales, BLOCK_I=c.gemv_block_i, BLOCK_D=c.gemv_block_d, num_warps=c.gemv_warps)
+        HAS_SCALES=has_scales, MAGIC=c.int8_magic, BLOCK_I=c.gemv_block_i, BLOCK_D=c.gemv_block_d,
+        num_warps=c.gemv_warps)
     _down_gemv_kernel[(slots, triton.cdiv(dim, c.gemv_down_block_o), c.gemv_split)](
         h, w2, s2, y, experts, routing_weights.flatten().contiguous(),
         dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
-        y.stride(0), HAS_SCALES=has_scales, SPLIT=c.gemv_split, BLOCK_O=c.gemv_down_block_o,
+        y.stride(0), HAS_SCALES=has_scales, MAGIC=c.int8_magic, SPLIT=c.gemv_split, BLOCK_O=c.gemv_down_block_o,
         BLOCK_I=c.gemv_down_block_i, num_warps=c.gemv_warps)
     return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)

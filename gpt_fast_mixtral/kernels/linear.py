@@ -1,0 +1,113 @@
+"""Int8 weight-only linear layers for decode: y = (x @ w.T) * scales, w int8 [N, K], scales [N].
+
+A decode step reads every attention and output-head weight once for a handful of tokens, so these
+layers are matrix-vector products bound by memory bandwidth. The kernel streams each weight row once,
+dequantises in registers (the conversion trick in kernels.moe.dequant) and applies the per-row scale to
+the float32 sum. One token uses CUDA-core FMAs; 2 to 16 tokens use one 16-row tensor-core tile.
+`reference_int8_linear` is the plain PyTorch definition the kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gpt_fast_mixtral.kernels import moe
+
+triton = moe.triton
+if triton is not None:
+    import triton.language as tl
+
+    dequant = moe.dequant
+
+
+def available(x: Tensor) -> bool:
+    return moe.available(x)
+
+
+def reference_int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
+    return (x.float() @ weight.float().T) * scales.float()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                            MAGIC: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if BLOCK_M == 1:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                w = dequant(tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0),
+                            tl.float32, MAGIC)
+                acc += tl.sum(w * x[None, :], axis=1)
+            tl.store(y_ptr + offs_n, (acc * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
+        else:
+            offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                w = dequant(tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0),
+                            x.dtype, MAGIC)
+                if IEEE:
+                    acc2 += tl.dot(x, tl.trans(w), input_precision="ieee")
+                else:
+                    acc2 += tl.dot(x, tl.trans(w))
+            acc2 *= scales[None, :]
+            tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+                     acc2.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Tiles for one token (CUDA-core FMAs) and for 2..16 tokens (one 16-row tensor-core tile)."""
+
+    # Measured on an H200 with weights not in L2 (benchmarks/sweep_linear.py): wqkv 12.3 us, wo 8.2 us
+    # (torch.compile's fused dequantise-and-reduce: 14.4, 9.6); 16 x 512 tiles took 17 us.
+    gemv_block_n: int = 4
+    gemv_block_k: int = 1024
+    gemv_warps: int = 4
+    tile_block_n: int = 32
+    tile_block_k: int = 256
+    tile_warps: int = 4
+    tile_stages: int = 3
+    int8_magic: bool = True
+    # Up to this many tokens the kernel runs (weights read once); more is prefill, which dequantises
+    # the weight and calls cuBLAS.
+    max_tokens: int = 16
+
+
+DEFAULT_CONFIG = LinearConfig()
+
+
+def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig = DEFAULT_CONFIG) -> Tensor:
+    """(x @ weight.T) * scales in x's dtype for x [..., K] with at most config.max_tokens rows."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows, (n, k) = x2.shape[0], weight.shape
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    c = config
+    if rows == 1:
+        block_m, block_n, block_k, warps, stages = 1, c.gemv_block_n, c.gemv_block_k, c.gemv_warps, 1
+    else:
+        block_m, block_n, block_k, warps, stages = 16, c.tile_block_n, c.tile_block_k, c.tile_warps, c.tile_stages
+    grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_m))
+    _int8_linear_kernel[grid](x2, weight, scales, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+                              MAGIC=c.int8_magic, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
+                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return y.view(*shape[:-1], n)
