@@ -24,7 +24,7 @@ from gpt_fast_mixtral.checkpoint import load_model
 from gpt_fast_mixtral.model import Transformer
 from gpt_fast_mixtral.sampling import SamplingTensors, sample
 from gpt_fast_mixtral.tokenizer import IncrementalDetokenizer, Tokenizer
-from gpt_fast_mixtral.tp import PARALLEL_MODES, apply_tensor_parallel, init_process_group
+from gpt_fast_mixtral.tp import PARALLEL_MODES, apply_tensor_parallel, init_process_group, leave_process_group
 
 TextCallback = Callable[[int, str], None]
 
@@ -341,17 +341,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stream:
             print(args.prompt, end="", flush=True)
         result = engine.generate([prompt_tokens], [params], on_text=stream)[0]
-        if dist.is_initialized():
-            # Leave together: a rank tearing the group down while another still talks to it aborted
-            # ("terminate called without an active exception") in about one run of ten under gloo.
-            dist.barrier()
+        # Leave together: a rank tearing the group down while another still talks to it aborted
+        # ("terminate called without an active exception") in about one run of ten under gloo.
+        leave_process_group()
     except (ValueError, OSError) as error:
         # Every rank says what went wrong: a failure on one rank alone must not go unseen.
         print(f"error: {f'rank {rank}: ' if world_size > 1 else ''}{error}", file=sys.stderr)
         return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     if rank != 0:
         return 0
     if args.json:

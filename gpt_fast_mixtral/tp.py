@@ -26,6 +26,7 @@ copies them (to `device` when given), so a rank keeps only its part, not a view 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,29 @@ def init_process_group(device: torch.device) -> None:
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+
+
+def leave_process_group(timeout_s: float = 120.0) -> None:
+    """Wait until every rank got here, then leave the process group; call it once the work is done.
+
+    Under gloo: a barrier, then the group is destroyed. Under NCCL the communicators are left alone (the
+    process is about to end): on H200s with torch 2.11, ranks whose decode step was a CUDA graph with
+    all-reduces in it hung in the teardown after all their work, and torchrun waited on them. The
+    barrier there goes through torchrun's TCP store, not through NCCL.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() != "nccl":
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    torch.cuda.synchronize()
+    store = dist.distributed_c10d._get_default_store()
+    key = "gpt_fast_mixtral/leave"
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < dist.get_world_size() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def apply_tensor_parallel(model: Transformer, rank: int, world_size: int, mode: str = "tp",

@@ -40,7 +40,7 @@ from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
-from gpt_fast_mixtral.tp import PARALLEL_MODES, apply_tensor_parallel, init_process_group  # noqa: E402
+from gpt_fast_mixtral.tp import PARALLEL_MODES, apply_tensor_parallel, init_process_group, leave_process_group  # noqa: E402
 
 MIXTRAL_8X7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                          intermediate_size=14336, num_experts=8, num_experts_per_tok=2)
@@ -50,10 +50,11 @@ TINY = ModelArgs(vocab_size=512, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, he
                  num_experts=8, num_experts_per_tok=2, max_position_embeddings=4096)
 CONFIGS = {"mixtral-8x7b": MIXTRAL_8X7B, "tiny": TINY}
 
-CEILING_NOTE = ("ceiling = world_size x copy bandwidth / bytes one rank reads per token (its 1/world_size of "
-                "the attention and routed expert weights, plus the output head, which every rank holds); it "
-                "ignores the all-reduce latency (two per layer) and, as the single-GPU count does, the router "
-                "gates and the embedding row; under ep it assumes the routed experts spread evenly over the ranks")
+CEILING_NOTE = ("ceiling = copy bandwidth / bytes one rank reads per token (the ranks read at once; its "
+                "1/world_size of the attention and routed expert weights, plus the output head, which every "
+                "rank holds); it ignores the all-reduce latency (two per layer) and, as the single-GPU count "
+                "does, the router gates and the embedding row; under ep it assumes the routed experts spread "
+                "evenly over the ranks")
 
 
 class NullTokenizer:
@@ -246,7 +247,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         ttft_ms[str(length)] = round(1e3 * statistics.median(samples), 2)
 
     rank_bytes = bytes_per_token(args, options.precision, options.batch_size, world_size)
-    ceiling = None if bandwidth is None else world_size * bandwidth / rank_bytes
+    ceiling = None if bandwidth is None else bandwidth / rank_bytes  # the ranks read their shares at once
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     if options.parallel:
         command = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', world_size)} {command}"
@@ -394,8 +395,7 @@ def benchmark(options: argparse.Namespace) -> int:
     result = run(options, device, rank, world_size)
     if options.compile_cache:
         result.update(measure_compile_cache(options))
-    if dist.is_initialized():
-        dist.barrier()  # leave together (see generate.main)
+    leave_process_group()  # together (see generate.main)
     if rank != 0:
         return 0
     warnings = add_baseline(result, baseline, options.baseline_json) if baseline else []
@@ -427,9 +427,6 @@ def main() -> int:
         print(f"error on rank {os.environ.get('RANK')}:", file=sys.stderr)
         traceback.print_exc()
         status = 1
-    else:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     exit_rank(status)
     return status  # not reached
 

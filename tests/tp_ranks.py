@@ -27,7 +27,7 @@ from gpt_fast_mixtral.generate import (  # noqa: E402
 )
 from gpt_fast_mixtral.model import Transformer  # noqa: E402
 from gpt_fast_mixtral.tokenizer import Tokenizer  # noqa: E402
-from gpt_fast_mixtral.tp import apply_tensor_parallel, init_process_group  # noqa: E402
+from gpt_fast_mixtral.tp import apply_tensor_parallel, init_process_group, leave_process_group  # noqa: E402
 
 MAX_BATCH, MAX_SEQ_LEN = 3, 64
 CHECKPOINTS = ("model.pth", "model_int8.pth")
@@ -150,9 +150,7 @@ def main() -> None:
         init_process_group(rank_device())
     results = SCENARIOS[scenario](source, rank, world_size)
     torch.save(results, out_dir / f"rank{rank}.pt")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # leave together (see generate.main)
-        torch.distributed.destroy_process_group()
+    leave_process_group()  # together (see generate.main)
 
 
 if __name__ == "__main__":
