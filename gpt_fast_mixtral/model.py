@@ -200,6 +200,20 @@ class ConditionalFeedForward(nn.Module):
         return out
 
 
+def top_k(probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk(probs, k) over the last dimension (largest first) for probabilities (>= 0), as k
+    max-reductions: a compiled decode step fuses them with the softmax, where topk costs a top-k and a
+    sort kernel per layer (8 us of a ~165 us layer on an H200)."""
+    columns = torch.arange(probs.shape[-1], device=probs.device)
+    values, indices = [], []
+    for _ in range(k):
+        value, index = probs.max(dim=-1)
+        values.append(value)
+        indices.append(index)
+        probs = torch.where(columns == index[..., None], -1.0, probs)  # below every probability
+    return torch.stack(values, dim=-1), torch.stack(indices, dim=-1)
+
+
 class MOEFeedForward(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -210,7 +224,7 @@ class MOEFeedForward(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Softmax in float32, top-k, renormalise: routing weights [N, k] (x's dtype) and expert ids."""
         probs = F.softmax(self.gate(x).float(), dim=-1)
-        weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        weights, indices = top_k(probs, self.top_k)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), indices
 

@@ -108,3 +108,13 @@ def test_bfloat16_model_stays_close_to_float32(converted):
         reference = ours(tokens, torch.arange(16)[None])
         logits = bf16(tokens, torch.arange(16)[None]).float()
     assert relative_error(logits, reference) < 0.05
+
+
+@pytest.mark.parametrize("shape,k", [((5, 8), 2), ((3, 7, 5), 3), ((4, 8), 8), ((2, 1), 1)])
+def test_routing_top_k_equals_torch_topk(shape, k):
+    from gpt_fast_mixtral.model import top_k
+
+    probs = torch.randn(*shape, generator=torch.Generator().manual_seed(k)).softmax(-1)
+    values, indices = top_k(probs, k)
+    expected_values, expected_indices = torch.topk(probs, k, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
