@@ -145,12 +145,13 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.device = model.device
         model.setup_caches(max_batch_size, self.max_seq_len)
-        self._decode_greedy, self._decode_logits = self._greedy_step, self._logits_step
+        self._decode = self._step
         if compile and self.device.type == "cuda":
             # The whole step becomes one CUDA graph. Sampling with top-p stays outside it: Inductor
-            # (torch 2.11) cannot fuse the vocabulary-long cumsum with a reduction.
-            self._decode_greedy = torch.compile(self._greedy_step, mode="reduce-overhead", fullgraph=True)
-            self._decode_logits = torch.compile(self._logits_step, mode="reduce-overhead", fullgraph=True)
+            # (torch 2.11) cannot fuse the vocabulary-long cumsum with a reduction. One compiled function
+            # serves greedy and sampled batches: each compile of the 32-layer graph takes over a minute,
+            # and a server compiles it at start for batch size 1 and again for larger batches.
+            self._decode = torch.compile(self._step, mode="reduce-overhead", fullgraph=True)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_path: str | Path, *, device: str | torch.device = "cpu",
@@ -218,10 +219,10 @@ class Engine:
             if any(row.finish_reason is None and len(row.tokens) + 1 < row.params.max_new_tokens for row in rows):
                 steps += 1
                 input_pos = positions.clamp(max=self.max_seq_len - 1)[:, None]
-                if greedy:
-                    next_tokens = self._decode_greedy(next_tokens[:, None], input_pos).clone()
-                else:
-                    next_tokens = sample(self._decode_logits(next_tokens[:, None], input_pos), settings, steps)
+                # The compiled step's outputs live in its CUDA graph's memory until the next step:
+                # cloned (greedy) or consumed at once (sampling).
+                argmax, step_logits = self._decode(next_tokens[:, None], input_pos)
+                next_tokens = argmax.clone() if greedy else sample(step_logits, settings, steps)
                 positions += 1
             host_tokens = reader.finish()
             first_token_time = first_token_time or time.perf_counter()
@@ -274,11 +275,10 @@ class Engine:
             logits = torch.where(in_chunk[:, None], chunk_logits.float(), logits)
         return logits
 
-    def _greedy_step(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        return self.model(tokens, input_pos)[:, -1].argmax(dim=-1)
-
-    def _logits_step(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        return self.model(tokens, input_pos)[:, -1].float()
+    def _step(self, tokens: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """One decode step: the greedy tokens [B] and the float32 logits [B, V] (for sampling)."""
+        logits = self.model(tokens, input_pos)[:, -1].float()
+        return logits.argmax(dim=-1), logits
 
 
 def _is_distributed() -> bool:

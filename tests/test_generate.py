@@ -387,3 +387,25 @@ def test_cli_missing_checkpoint_exits_with_a_one_line_error(tmp_path):
     assert "Traceback" not in stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "nowhere" in lines[0]
+
+
+def test_greedy_and_sampled_batches_share_one_traced_decode_step(checkpoint: Path) -> None:
+    # A server compiles its decode step at start (each compile of the real model takes over a minute):
+    # greedy and sampled requests must not need separate graphs, and larger batch sizes share one.
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    engine = Engine.from_checkpoint(checkpoint, dtype=torch.float32, max_batch_size=MAX_BATCH, max_seq_len=64)
+    eager = [r.tokens for r in engine.generate([PROMPT, "def f"], [SamplingParams(6)] * 2)]
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    engine._decode = torch.compile(engine._step, backend=counter, fullgraph=True)
+    for temperature in (0.0, 0.9):
+        engine.generate([PROMPT], [SamplingParams(6, temperature, seed=1)])
+    assert counter.frame_count == 1
+    assert [r.tokens for r in engine.generate([PROMPT, "def f"], [SamplingParams(6)] * 2)] == eager
+    engine.generate([PROMPT] * 3, [SamplingParams(4, 0.9, seed=2)] * 3)
+    # Batch 1, then one graph with a dynamic batch size (as long as the experts take the same path:
+    # on the CPU, 4 rows of this model switch from gathered to dense experts and compile once more).
+    assert counter.frame_count == 2
+    torch._dynamo.reset()

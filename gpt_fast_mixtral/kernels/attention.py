@@ -116,8 +116,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tenso
     group = n_heads // n_kv_heads
     if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
         raise ValueError("k_cache and v_cache must share one layout with contiguous head_dim")
-    # Enough splits to fill the GPU at the longest length; splits past a row's length exit at once.
-    splits = max(1, min(triton.cdiv(max_len, block_s), target_programs // max(1, batch * n_kv_heads)))
+    # Enough splits to fill the GPU at the longest length for one row; splits past a row's length exit
+    # at once. Not a function of the batch size: a compiled step with a dynamic batch would recompile.
+    splits = max(1, min(triton.cdiv(max_len, block_s), target_programs // n_kv_heads))
     split_len = triton.cdiv(triton.cdiv(max_len, splits), block_s) * block_s
     splits = triton.cdiv(max_len, split_len)
     q = q.contiguous()
