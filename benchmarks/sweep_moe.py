@@ -1,6 +1,7 @@
 """Time the fused MoE kernels at Mixtral-8x7B's shape for several tile configs (one GPU call).
 
-    python benchmarks/sweep_moe.py [--tokens 1 8]
+    python benchmarks/sweep_moe.py [--tokens 1 8]       (decode)
+    python benchmarks/sweep_moe.py --tokens 512 2048    (prefill tiles)
 Prints, per config, microseconds per layer and the bandwidth of the expert bytes actually read.
 """
 
@@ -34,6 +35,20 @@ CONFIGS = {
     "gemv_s2": MoEConfig(gemv_max_slots=1 << 30, gemv_split=2),
     "gemv_s8": MoEConfig(gemv_max_slots=1 << 30, gemv_split=8),
 }
+# Prefill (more than 16 slots per expert uses prefill_block_t): GEMM-sized tiles, no split of the down
+# reduction (its float32 partials cost as much as the weights at thousands of tokens). Not yet measured.
+PREFILL_CONFIGS = {
+    "tiled": MoEConfig(gemv_max_slots=0),
+    "pf_t64_i64_s1": MoEConfig(gemv_max_slots=0, prefill_block_t=64, gate_up_block_i=64, gate_up_block_d=64,
+                               down_block_o=64, down_block_i=64, split=1),
+    "pf_t128_i64_w8": MoEConfig(gemv_max_slots=0, prefill_block_t=128, gate_up_block_i=64, gate_up_block_d=64,
+                                down_block_o=64, down_block_i=64, gate_up_warps=8, down_warps=8, split=1),
+    "pf_t128_i128_w8": MoEConfig(gemv_max_slots=0, prefill_block_t=128, gate_up_block_i=128, gate_up_block_d=64,
+                                 down_block_o=128, down_block_i=64, gate_up_warps=8, down_warps=8, split=1),
+    "pf_t64_i128_w8_s4": MoEConfig(gemv_max_slots=0, prefill_block_t=64, gate_up_block_i=128, gate_up_block_d=64,
+                                   down_block_o=128, down_block_i=64, gate_up_warps=8, down_warps=8,
+                                   gate_up_stages=4, down_stages=4, split=1),
+}
 
 
 def main() -> None:
@@ -61,7 +76,7 @@ def main() -> None:
             weights_k = weights_k.bfloat16()
             touched = indices.unique().numel()
             moved = touched * 3 * dim * inter * weights[0].element_size()
-            for name, config in CONFIGS.items():
+            for name, config in (PREFILL_CONFIGS if tokens * top_k > 16 * experts else CONFIGS).items():
                 call = lambda c=config, x=x, w=weights, r=weights_k, i=indices, s=scales: fused_moe(  # noqa: E731
                     x, *w, r, i, s, c)
                 try:
