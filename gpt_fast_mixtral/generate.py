@@ -223,6 +223,7 @@ class Engine:
                 # cloned (greedy) or consumed at once (sampling).
                 argmax, step_logits = self._decode(next_tokens[:, None], input_pos)
                 next_tokens = argmax.clone() if greedy else sample(step_logits, settings, steps)
+                del argmax, step_logits
                 positions += 1
             host_tokens = reader.finish()
             first_token_time = first_token_time or time.perf_counter()
