@@ -24,7 +24,13 @@ from gpt_fast_mixtral.checkpoint import load_model
 from gpt_fast_mixtral.model import Transformer
 from gpt_fast_mixtral.sampling import SamplingTensors, sample
 from gpt_fast_mixtral.tokenizer import IncrementalDetokenizer, Tokenizer
-from gpt_fast_mixtral.tp import PARALLEL_MODES, apply_tensor_parallel, init_process_group, leave_process_group
+from gpt_fast_mixtral.tp import (
+    ALL_REDUCES,
+    PARALLEL_MODES,
+    apply_tensor_parallel,
+    init_process_group,
+    leave_process_group,
+)
 
 TextCallback = Callable[[int, str], None]
 
@@ -313,6 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", choices=PARALLEL_MODES, default="tp",
                         help="how to split the model when started by torchrun (WORLD_SIZE > 1): tp slices "
                              "every expert, ep gives each rank whole experts; attention is split by heads in both")
+    parser.add_argument("--all-reduce", choices=ALL_REDUCES, default="one-shot",
+                        help="on GPUs under torchrun: one-shot sends decode-sized all-reduces through "
+                             "symmetric memory (NVLink), nccl sends all of them through NCCL")
     return parser
 
 
@@ -329,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if world_size > 1:
             if device.type == "cuda":
                 device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            init_process_group(device)
+            init_process_group(device, args.all_reduce)
             transform = partial(apply_tensor_parallel, rank=rank, world_size=world_size, mode=args.parallel,
                                 device=device)
         tokenizer = Tokenizer(args.checkpoint_path.parent / "tokenizer.model")

@@ -38,6 +38,7 @@ from gpt_fast_mixtral.config import ModelArgs
 from gpt_fast_mixtral.model import Attention, ConditionalFeedForward, MOEFeedForward, Transformer
 
 PARALLEL_MODES = ("tp", "ep")
+ALL_REDUCES = ("one-shot", "nccl")
 MAX_LISTED_WORLD_SIZE = 64
 
 
@@ -88,14 +89,21 @@ def _listing(items: list[str], conjunction: str = "and") -> str:
     return f"{', '.join(items[:-1])} {conjunction} {items[-1]}" if len(items) > 1 else items[0]
 
 
-def init_process_group(device: torch.device) -> None:
+def init_process_group(device: torch.device, all_reduce: str = "one-shot") -> None:
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR,
-    MASTER_PORT): NCCL when `device` is a GPU (this rank's own, by LOCAL_RANK), gloo on the CPU."""
+    MASTER_PORT): NCCL when `device` is a GPU (this rank's own, by LOCAL_RANK), gloo on the CPU.
+
+    all_reduce "one-shot" (GPUs only) sends decode-sized all-reduces through symmetric memory
+    (enable_one_shot_all_reduce); "nccl" leaves every all-reduce to NCCL."""
+    if all_reduce not in ALL_REDUCES:
+        raise ValueError(f"all_reduce must be one of {', '.join(ALL_REDUCES)}, got {all_reduce!r}")
     if dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
+        if all_reduce == "one-shot":
+            enable_one_shot_all_reduce((torch.bfloat16, torch.float16, torch.float32))
     else:
         dist.init_process_group("gloo")
 

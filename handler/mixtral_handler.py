@@ -71,7 +71,9 @@ class MixtralHandler(BaseHandler):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        shard = self._setup_tensor_parallel(world_size, settings.parallel_mode) if world_size > 1 else None
+        shard = None
+        if world_size > 1:
+            shard = self._setup_tensor_parallel(world_size, settings.parallel_mode, settings.all_reduce)
         self.answers = os.environ.get("LOCAL_RANK", "0") == "0"
 
         checkpoint = resolve_path(model_dir, settings.converted_ckpt_dir)
@@ -96,10 +98,11 @@ class MixtralHandler(BaseHandler):
                     checkpoint, self.device, dtype, self.engine.max_batch_size, self.engine.max_seq_len,
                     time.perf_counter() - started, inspect.getfile(Engine))
 
-    def _setup_tensor_parallel(self, world_size: int, mode: str) -> Callable[[Transformer], Transformer]:
+    def _setup_tensor_parallel(self, world_size: int, mode: str, all_reduce: str
+                               ) -> Callable[[Transformer], Transformer]:
         """Join the process group of the ranks torchrun started (parallelType: tp) and return the
         sharding that loading applies before the model moves to this rank's device."""
-        init_process_group(self.device)
+        init_process_group(self.device, all_reduce)
         rank = dist.get_rank()
         logger.info("rank %d of %d: %s parallel on %s", rank, world_size, mode, self.device)
         return partial(apply_tensor_parallel, rank=rank, world_size=world_size, mode=mode, device=self.device)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gpt_fast_mixtral.tp import PARALLEL_MODES
+from gpt_fast_mixtral.tp import ALL_REDUCES, PARALLEL_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class HandlerSettings:
     max_seq_len: int | None = None  # KV cache length, prompt and answer together (None: the engine's)
     dtype: str | None = None  # bfloat16 | float32 | float16 (None: bfloat16 on GPU, float32 on CPU)
     parallel_mode: str = "tp"  # under torchrun (parallelType: tp): tp slices every expert, ep splits the experts
+    all_reduce: str = "one-shot"  # on GPUs under torchrun: one-shot (symmetric memory) for decode, or nccl
 
     @classmethod
     def from_yaml(cls, section: dict[str, Any] | None) -> HandlerSettings:
@@ -60,7 +61,7 @@ class HandlerSettings:
 def _check_setting(key: str, value: object) -> None:
     expected = {"converted_ckpt_dir": str, "fx_graph_cache_dir": str, "dtype": str, "compile": bool,
                 "fx_graph_cache": bool, "stream": bool, "max_new_tokens": int, "max_seq_len": int,
-                "parallel_mode": str}[key]
+                "parallel_mode": str, "all_reduce": str}[key]
     if value is None and key in ("max_seq_len", "dtype"):
         return
     if expected is int:
@@ -70,6 +71,8 @@ def _check_setting(key: str, value: object) -> None:
         raise ValueError(f"model_config.yaml handler.{key} must be a {expected.__name__}, got {value!r}")
     if key == "dtype" and value not in DTYPES:
         raise ValueError(f"model_config.yaml handler.dtype must be one of {sorted(DTYPES)}, got {value!r}")
+    if key == "all_reduce" and value not in ALL_REDUCES:
+        raise ValueError(f"model_config.yaml handler.all_reduce must be one of {list(ALL_REDUCES)}, got {value!r}")
     if key == "parallel_mode" and value not in PARALLEL_MODES:
         raise ValueError(f"model_config.yaml handler.parallel_mode must be one of {list(PARALLEL_MODES)}, "
                          f"got {value!r}")

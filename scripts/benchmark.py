@@ -41,9 +41,9 @@ from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
 from gpt_fast_mixtral.tp import (  # noqa: E402
+    ALL_REDUCES,
     PARALLEL_MODES,
     apply_tensor_parallel,
-    enable_one_shot_all_reduce,
     init_process_group,
     leave_process_group,
 )
@@ -270,7 +270,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "compile": compile_step,
         "parallel": options.parallel or "none",
         "world_size": world_size,
-        "all_reduce": options.all_reduce if options.parallel else None,
+        "all_reduce": (options.all_reduce if cuda else "gloo") if options.parallel else None,
         "batch_size": options.batch_size,
         "prompt_len": options.prompt_len,
         "new_tokens": options.new_tokens,
@@ -352,9 +352,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
                         help="under torchrun: tp slices every expert, ep gives each rank whole experts "
                              "(attention is split by heads in both); one rank per GPU")
-    parser.add_argument("--all-reduce", choices=["nccl", "one-shot"], default="nccl",
-                        help="one-shot: compiled decode all-reduces through symmetric memory "
-                             "(tp.enable_one_shot_all_reduce) instead of NCCL")
+    parser.add_argument("--all-reduce", choices=ALL_REDUCES, default="one-shot",
+                        help="one-shot: decode-sized all-reduces through symmetric memory "
+                             "(tp.enable_one_shot_all_reduce); nccl: all through NCCL")
     parser.add_argument("--baseline-json", type=Path, default=None,
                         help="a single-GPU result of the same session: adds speedup_vs_single")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -405,10 +405,7 @@ def benchmark(options: argparse.Namespace) -> int:
     else:
         device = torch.device("cpu")
     if options.parallel:
-        init_process_group(device)  # NCCL on this rank's GPU, gloo on the CPU
-        if options.all_reduce == "one-shot" and not enable_one_shot_all_reduce((torch.bfloat16, torch.float32)):
-            print("warning: --all-reduce one-shot needs NCCL on GPUs; all-reduces stay as they are",
-                  file=sys.stderr)
+        init_process_group(device, options.all_reduce)  # NCCL on this rank's GPU, gloo on the CPU
     result = run(options, device, rank, world_size)
     if options.compile_cache:
         result.update(measure_compile_cache(options))

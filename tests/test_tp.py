@@ -41,7 +41,14 @@ from gpt_fast_mixtral.model import ConditionalFeedForward
 from gpt_fast_mixtral.quantize import ConditionalFeedForwardInt8, quantize_checkpoint, quantize_int8
 from gpt_fast_mixtral.tiny_model import hf_state_dict, tiny_model_args
 from gpt_fast_mixtral.tokenizer import Tokenizer
-from gpt_fast_mixtral.tp import ExpertParallelExperts, apply_tensor_parallel, check_parallel, valid_world_sizes
+from gpt_fast_mixtral.tp import (
+    ExpertParallelExperts,
+    apply_tensor_parallel,
+    check_parallel,
+    enable_one_shot_all_reduce,
+    init_process_group,
+    valid_world_sizes,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RANK_SCRIPT = Path(__file__).resolve().parent / "tp_ranks.py"
@@ -393,3 +400,13 @@ def test_two_ranks_match_one_in_float32_and_bfloat16(tiny_converted_dir: Path, t
             rank0, rank1 = (results[f"{name}/{mode}/generate"] for results in ranks)
             assert rank0["greedy"] == rank1["greedy"] == expected_tokens, (name, mode)
             assert rank0["sampled"] == rank1["sampled"], (name, mode)
+
+
+def test_an_unknown_all_reduce_is_refused_before_joining() -> None:
+    with pytest.raises(ValueError, match="all_reduce must be one of one-shot, nccl"):
+        init_process_group(torch.device("cpu"), "ring")
+    assert not torch.distributed.is_initialized()
+
+
+def test_one_shot_all_reduce_is_not_enabled_without_nccl() -> None:
+    assert enable_one_shot_all_reduce() is False  # no process group here; gloo would refuse the same way

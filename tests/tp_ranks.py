@@ -29,7 +29,6 @@ from gpt_fast_mixtral.model import Transformer  # noqa: E402
 from gpt_fast_mixtral.tokenizer import Tokenizer  # noqa: E402
 from gpt_fast_mixtral.tp import (  # noqa: E402
     apply_tensor_parallel,
-    enable_one_shot_all_reduce,
     init_process_group,
     leave_process_group,
 )
@@ -152,9 +151,7 @@ def main() -> None:
     scenario, out_dir, source = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if scenario != "handler":  # the handler joins the process group itself
-        init_process_group(rank_device())
-        if os.environ.get("TP_TEST_ONE_SHOT") == "1":
-            assert enable_one_shot_all_reduce((torch.bfloat16, torch.float32)), "one-shot needs NCCL"
+        init_process_group(rank_device(), "one-shot" if os.environ.get("TP_TEST_ONE_SHOT") == "1" else "nccl")
     results = SCENARIOS[scenario](source, rank, world_size)
     torch.save(results, out_dir / f"rank{rank}.pt")
     leave_process_group()  # together (see generate.main)
