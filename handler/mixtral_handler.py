@@ -104,7 +104,8 @@ class MixtralHandler(BaseHandler):
         sharding that loading applies before the model moves to this rank's device."""
         init_process_group(self.device, all_reduce)
         rank = dist.get_rank()
-        logger.info("rank %d of %d: %s parallel on %s", rank, world_size, mode, self.device)
+        logger.info("rank %d of %d: %s parallel on %s, %s all-reduce", rank, world_size, mode, self.device,
+                    all_reduce if self.device.type == "cuda" else "gloo")
         return partial(apply_tensor_parallel, rank=rank, world_size=world_size, mode=mode, device=self.device)
 
     def _warm_up(self) -> None:
