@@ -48,6 +48,14 @@ PREFILL_CONFIGS = {
     "pf_t64_i128_w8_s4": MoEConfig(gemv_max_slots=0, prefill_block_t=64, gate_up_block_i=128, gate_up_block_d=64,
                                    down_block_o=128, down_block_i=64, gate_up_warps=8, down_warps=8,
                                    gate_up_stages=4, down_stages=4, split=1),
+    # The grouped GEMM kernels (token tiles in the grid, K-major weight tiles), session 3, unmeasured.
+    "grouped_128x128x64": MoEConfig(gemv_max_slots=0, grouped_min_slots=0),
+    "grouped_128x128x64_s4": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_stages=4),
+    "grouped_128x64x64": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_n=64),
+    "grouped_64x128x64": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_m=64, grouped_warps=4),
+    "grouped_128x256x64_down": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_down_block_n=256),
+    "grouped_128x128x128": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_k=128,
+                                     grouped_stages=2),
 }
 
 

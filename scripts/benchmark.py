@@ -20,6 +20,7 @@ that runs the same code paths for the tests; only --device cuda reports real num
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -39,6 +40,7 @@ import torch.distributed as dist  # noqa: E402
 from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
+from gpt_fast_mixtral.kernels import moe as moe_kernels  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
 from gpt_fast_mixtral.tp import (  # noqa: E402
     ALL_REDUCES,
@@ -226,6 +228,9 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         engine = Engine(model, NullTokenizer(args.vocab_size), max_batch_size=options.batch_size,  # type: ignore[arg-type]
                         max_seq_len=options.max_seq_len, compile=compile_step)
     build_s = time.perf_counter() - build_start
+    if options.grouped_min_slots is not None:
+        moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
+                                                         grouped_min_slots=options.grouped_min_slots)
     for module in engine.model.modules():
         if hasattr(module, "dense_max_tokens") and options.moe_impl == "gather":
             module.dense_max_tokens = module.fused_max_tokens = 0
@@ -267,6 +272,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "command": command,
         "precision": options.precision,
         "moe_impl": options.moe_impl,
+        "fused_max_tokens": options.fused_max_tokens,  # None: the model's default
+        "grouped_min_slots": options.grouped_min_slots,  # None: kernels.moe.DEFAULT_CONFIG's
         "compile": compile_step,
         "parallel": options.parallel or "none",
         "world_size": world_size,
@@ -368,6 +375,9 @@ def parse_args() -> argparse.Namespace:
                              "einsum (the baseline)")
     parser.add_argument("--fused-max-tokens", type=int, default=None,
                         help="largest token count that uses the fused expert kernels (prefill experiments)")
+    parser.add_argument("--grouped-min-slots", type=int, default=None,
+                        help="(token, k) slots from which the fused experts use the grouped GEMM kernels "
+                             "(prefill experiments; with --fused-max-tokens above the prompt length)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps")
     parser.add_argument("--compile-cache", action="store_true",

@@ -23,9 +23,13 @@ SHAPES = [  # tokens, experts, top_k, dim, intermediate (odd sizes exercise ever
 ]
 
 
-# Both kernel families on every shape: the tile kernels (tokens grouped by expert) and the
-# matrix-vector kernels used for a few (token, k) slots.
-PATHS = {"tiled": MoEConfig(gemv_max_slots=0), "gemv": MoEConfig(gemv_max_slots=1 << 30)}
+# Every kernel family on every shape: the tile kernels (tokens grouped by expert), the matrix-vector
+# kernels used for a few (token, k) slots, and the grouped GEMM kernels for prefill (small tiles here, so
+# that an expert spans several token tiles).
+PATHS = {"tiled": MoEConfig(gemv_max_slots=0), "gemv": MoEConfig(gemv_max_slots=1 << 30),
+         "grouped": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_m=32, grouped_block_n=32,
+                              grouped_block_k=32, grouped_down_block_n=32, grouped_warps=4),
+         "grouped_default_tiles": MoEConfig(gemv_max_slots=0, grouped_min_slots=0)}
 
 
 def make_inputs(tokens, experts, top_k, dim, inter, dtype, seed):

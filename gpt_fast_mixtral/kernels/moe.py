@@ -198,6 +198,97 @@ if triton is not None:
                  mask=mask_o)
 
 
+    @triton.jit
+    def _grouped_gate_up_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, slot_token_ptr,
+                                tile_expert_ptr, tile_row_ptr, tile_end_ptr, num_experts, num_m_tiles,
+                                dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
+                                HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr, MAGIC: tl.constexpr,
+                                EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+        """Grouped GEMM for prefill: one program per (tile of up to BLOCK_M slots of one expert, BLOCK_N
+        intermediate rows). Token tiles are a grid dimension that varies fastest, so the programs running
+        together share their expert's weight tiles in L2. Weights are loaded K-major ([BLOCK_K, BLOCK_N]),
+        so the dot needs no transpose."""
+        pid = tl.program_id(0)
+        pid_m = pid % num_m_tiles
+        pid_n = pid // num_m_tiles
+        expert = tl.load(tile_expert_ptr + pid_m)
+        if expert < num_experts:  # tiles past the last expert's are empty
+            rows = tl.load(tile_row_ptr + pid_m) + tl.arange(0, BLOCK_M)
+            mask_m = rows < tl.load(tile_end_ptr + pid_m)
+            token = tl.load(slot_token_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < inter
+            offs_k = tl.arange(0, BLOCK_K)
+            a_ptrs = x_ptr + token[:, None] * stride_x + offs_k[None, :]
+            w_offsets = expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wi + offs_k[:, None]
+            gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, dim, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                    b1 = tl.load(w1_ptr + w_offsets, mask=mask_n[None, :], other=0)
+                    b3 = tl.load(w3_ptr + w_offsets, mask=mask_n[None, :], other=0)
+                else:
+                    mask_k = (k0 + offs_k) < dim
+                    a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    b1 = tl.load(w1_ptr + w_offsets, mask=mask_k[:, None] & mask_n[None, :], other=0)
+                    b3 = tl.load(w3_ptr + w_offsets, mask=mask_k[:, None] & mask_n[None, :], other=0)
+                b1 = dequant(b1, a.dtype, MAGIC)
+                b3 = dequant(b3, a.dtype, MAGIC)
+                gate = tl.dot(a, b1, gate, input_precision=PRECISION)
+                up = tl.dot(a, b3, up, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                w_offsets += BLOCK_K
+            if HAS_SCALES:
+                gate *= tl.load(s1_ptr + expert * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                up *= tl.load(s3_ptr + expert * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            h = gate * tl.sigmoid(gate) * up
+            tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_h + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
+                     mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _grouped_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, slot_ptr, routing_ptr,
+                             tile_expert_ptr, tile_row_ptr, tile_end_ptr, num_experts, num_m_tiles,
+                             dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y,
+                             HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr, MAGIC: tl.constexpr,
+                             EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        """y[slot] = routing[slot] * (h[row] @ w2[expert].T) for the rows of one expert's tile (h rows are
+        already grouped by expert, so no gather); the whole reduction in one program (no split)."""
+        pid = tl.program_id(0)
+        pid_m = pid % num_m_tiles
+        pid_n = pid // num_m_tiles
+        expert = tl.load(tile_expert_ptr + pid_m)
+        if expert < num_experts:
+            rows = tl.load(tile_row_ptr + pid_m) + tl.arange(0, BLOCK_M)
+            mask_m = rows < tl.load(tile_end_ptr + pid_m)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < dim
+            offs_k = tl.arange(0, BLOCK_K)
+            a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + offs_k[None, :]
+            w_offsets = expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wd + offs_k[:, None]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, inter, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                    b = tl.load(w2_ptr + w_offsets, mask=mask_n[None, :], other=0)
+                else:
+                    mask_k = (k0 + offs_k) < inter
+                    a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    b = tl.load(w2_ptr + w_offsets, mask=mask_k[:, None] & mask_n[None, :], other=0)
+                b = dequant(b, a.dtype, MAGIC)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                w_offsets += BLOCK_K
+            if HAS_SCALES:
+                acc *= tl.load(s2_ptr + expert * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            slot = tl.load(slot_ptr + rows, mask=mask_m, other=0)
+            acc *= tl.load(routing_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + slot[:, None].to(tl.int64) * stride_y + offs_n[None, :], acc,
+                     mask=mask_m[:, None] & mask_n[None, :])
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Tile sizes of the two kernels; `split` divides the down projection's reduction for parallelism."""
@@ -226,16 +317,28 @@ class MoEConfig:
     gemv_warps: int = 4
     # int8 weights to float without the conversion instruction (see `dequant`).
     int8_magic: bool = True
+    # From this many (token, k) slots on, the grouped GEMM kernels (token tiles of one expert in the grid,
+    # no split of the down reduction) replace the tile kernels. Off by default until measured on a GPU
+    # (benchmarks/sweep_moe.py --tokens 512 2048); float32 inputs use half-size tiles.
+    grouped_min_slots: int = 1 << 62
+    grouped_block_m: int = 128
+    grouped_block_n: int = 128
+    grouped_block_k: int = 64
+    grouped_down_block_n: int = 128
+    grouped_warps: int = 8
+    grouped_stages: int = 3
 
 
 DEFAULT_CONFIG = MoEConfig()
 
 
 def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor, expert_indices: Tensor,
-              scales: tuple[Tensor, Tensor, Tensor] | None = None, config: MoEConfig = DEFAULT_CONFIG) -> Tensor:
+              scales: tuple[Tensor, Tensor, Tensor] | None = None, config: MoEConfig | None = None) -> Tensor:
     """The MoE block's experts for x [N, D]: w1, w3 [E, I, D], w2 [E, D, I] (bf16/fp32, or int8 + scales).
 
-    A slot whose expert id is < 0 has no expert: it adds nothing and reads no weights."""
+    A slot whose expert id is < 0 has no expert: it adds nothing and reads no weights. `config` defaults
+    to the module's DEFAULT_CONFIG as it is at the call (benchmarks replace it)."""
+    config = config or DEFAULT_CONFIG
     num_tokens, top_k = expert_indices.shape
     num_experts, inter, dim = w1.shape
     if num_tokens * top_k <= config.gemv_max_slots:
@@ -250,6 +353,9 @@ def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Te
     slot_token = (order // top_k).to(torch.int32)
     order = order.to(torch.int32)
     x = x.contiguous()
+    if num_tokens * top_k >= config.grouped_min_slots:
+        return _fused_moe_grouped(x, w1, w2, w3, routing_weights, valid, order, counts, offsets, slot_token,
+                                  top_k, scales, config)
     if num_tokens * top_k > 16 * num_experts and x.element_size() == 2:
         # Prefill-sized: larger token tiles reuse each weight tile more (float32 tiles this size would
         # not fit in shared memory).
@@ -297,3 +403,57 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
         y.stride(0), HAS_SCALES=has_scales, MAGIC=c.int8_magic, SPLIT=c.gemv_split, BLOCK_O=c.gemv_down_block_o,
         BLOCK_I=c.gemv_down_block_i, num_warps=c.gemv_warps)
     return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+
+
+def expert_tiles(counts: Tensor, offsets: Tensor, slots: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Split each expert's rows [offsets[e], offsets[e] + counts[e]) into tiles of up to block_m rows.
+
+    Returns, per tile, its expert (int32; E for the tiles past the last expert's, which do nothing), its
+    first row and its rows' end. The number of tiles is a bound fixed by the shapes, slots / block_m
+    rounded up plus E, so nothing waits for the counts (no host sync, CUDA-graph safe)."""
+    num_experts = counts.numel()
+    counts, offsets = counts.long(), offsets.long()
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    tile_ids = torch.arange(-(-slots // block_m) + num_experts, device=counts.device)
+    tile_expert = torch.searchsorted(tile_end, tile_ids, right=True)
+    expert = tile_expert.clamp(max=num_experts - 1)
+    first_row = offsets[expert] + (tile_ids - (tile_end[expert] - tiles[expert])) * block_m
+    rows_end = (offsets + counts)[expert]
+    return tile_expert.to(torch.int32), first_row.to(torch.int32), rows_end.to(torch.int32)
+
+
+def _fused_moe_grouped(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor, valid: Tensor,
+                       order: Tensor, counts: Tensor, offsets: Tensor, slot_token: Tensor, top_k: int,
+                       scales: tuple[Tensor, Tensor, Tensor] | None, c: MoEConfig) -> Tensor:
+    """Prefill through the grouped GEMM kernels; the slots arrive grouped by expert (order, counts,
+    offsets from fused_moe; counts[E] is the parked slots with no expert, which no tile covers)."""
+    num_tokens, dim = x.shape
+    num_experts, inter, _ = w1.shape
+    slots = num_tokens * top_k
+    block_m, block_n, block_k, down_block_n = c.grouped_block_m, c.grouped_block_n, c.grouped_block_k, \
+        c.grouped_down_block_n
+    if x.element_size() == 4:  # float32 tiles of the bf16 sizes would not fit in shared memory
+        block_m, block_n, block_k, down_block_n = block_m // 2, block_n // 2, block_k // 2, down_block_n // 2
+    tile_expert, tile_row, tile_rows_end = expert_tiles(counts[:num_experts], offsets[:num_experts], slots, block_m)
+    num_m_tiles = tile_expert.numel()
+
+    h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(slots, dim, dtype=torch.float32, device=x.device)
+    has_scales = scales is not None
+    s1, s2, s3 = scales if has_scales else (w1, w2, w3)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # bf16 operands ignore it
+    _grouped_gate_up_kernel[(num_m_tiles * triton.cdiv(inter, block_n),)](
+        x, w1, w3, s1, s3, h, slot_token, tile_expert, tile_row, tile_rows_end, num_experts, num_m_tiles,
+        dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
+        HAS_SCALES=has_scales, PRECISION=precision, MAGIC=c.int8_magic, EVEN_K=dim % block_k == 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=c.grouped_warps, num_stages=c.grouped_stages)
+    _grouped_down_kernel[(num_m_tiles * triton.cdiv(dim, down_block_n),)](
+        h, w2, s2, y, order, routing_weights.flatten().contiguous(), tile_expert, tile_row, tile_rows_end,
+        num_experts, num_m_tiles, dim, inter, h.stride(0), w2.stride(0), w2.stride(1),
+        s2.stride(0) if has_scales else 0, y.stride(0),
+        HAS_SCALES=has_scales, PRECISION=precision, MAGIC=c.int8_magic, EVEN_K=inter % block_k == 0,
+        BLOCK_M=block_m, BLOCK_N=down_block_n, BLOCK_K=block_k, num_warps=c.grouped_warps,
+        num_stages=c.grouped_stages)
+    y = torch.where(valid[:, None], y, 0.0)  # rows of slots with no expert were never written
+    return y.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
