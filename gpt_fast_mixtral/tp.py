@@ -26,6 +26,7 @@ copies them (to `device` when given), so a rank keeps only its part, not a view 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -127,6 +128,10 @@ def enable_one_shot_all_reduce(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16
     """
     if not dist.is_initialized() or dist.get_backend(group) != "nccl":
         return False
+    # The one-shot all-reduce reads peers' memory directly; it needs no NVLink multicast object, and on
+    # shared hosts creating one can take the GPUs out of service: unless the user chose otherwise, the
+    # allocator is told not to (it reads this when it first allocates).
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     import torch.distributed._symmetric_memory as symm_mem
 
     group_name = (group or dist.group.WORLD).group_name
