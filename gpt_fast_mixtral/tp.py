@@ -26,6 +26,7 @@ copies them (to `device` when given), so a rank keeps only its part, not a view 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from torch import Tensor, nn
 
 from gpt_fast_mixtral.config import ModelArgs
 from gpt_fast_mixtral.model import Attention, ConditionalFeedForward, MOEFeedForward, Transformer
+
+logger = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("tp", "ep")
 ALL_REDUCES = ("one-shot", "nccl")
@@ -136,13 +139,25 @@ def enable_one_shot_all_reduce(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16
 
     group_name = (group or dist.group.WORLD).group_name
     buffers = {}
-    for dtype in dtypes:
-        pair = []
-        for _ in range(2):
-            buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=torch.cuda.current_device())
-            symm_mem.rendezvous(buffer, group_name)
-            pair.append(buffer)
-        buffers[dtype] = tuple(pair)
+    try:
+        for dtype in dtypes:
+            pair = []
+            for _ in range(2):
+                buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype,
+                                        device=torch.cuda.current_device())
+                symm_mem.rendezvous(buffer, group_name)
+                pair.append(buffer)
+            buffers[dtype] = tuple(pair)
+        ready = 1
+    except Exception as error:  # e.g. GPUs without peer access: NCCL does all the all-reduces then
+        logger.warning("one-shot all-reduce unavailable on rank %d (%s: %s); all-reduces use NCCL",
+                       dist.get_rank(), type(error).__name__, error)
+        ready = 0
+    # Every rank must choose alike, or one would wait in a one-shot barrier while another runs NCCL.
+    agreed = torch.tensor([ready], device=torch.cuda.current_device())
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+    if not agreed.item():
+        return False
     _ONE_SHOT[group_name] = buffers
     return True
 
