@@ -34,6 +34,12 @@ CONFIGS = {
     "gemv_o4": MoEConfig(gemv_max_slots=1 << 30, gemv_down_block_o=4, gemv_down_block_i=1024),
     "gemv_s2": MoEConfig(gemv_max_slots=1 << 30, gemv_split=2),
     "gemv_s8": MoEConfig(gemv_max_slots=1 << 30, gemv_split=8),
+    # persistent grids (session 3, unmeasured): programs = a multiple of the 132 SMs of an H100/H200
+    "gemv_p264": MoEConfig(gemv_max_slots=1 << 30, gemv_programs=264),
+    "gemv_p528": MoEConfig(gemv_max_slots=1 << 30, gemv_programs=528),
+    "gemv_p1056": MoEConfig(gemv_max_slots=1 << 30, gemv_programs=1056),
+    "gemv_p528_s1": MoEConfig(gemv_max_slots=1 << 30, gemv_programs=528, gemv_split=1),
+    "gemv_s1": MoEConfig(gemv_max_slots=1 << 30, gemv_split=1),
 }
 # Prefill (more than 16 slots per expert uses prefill_block_t): GEMM-sized tiles, no split of the down
 # reduction (its float32 partials cost as much as the weights at thousands of tokens). Not yet measured.

@@ -24,9 +24,12 @@ SHAPES = [  # tokens, experts, top_k, dim, intermediate (odd sizes exercise ever
 
 
 # Every kernel family on every shape: the tile kernels (tokens grouped by expert), the matrix-vector
-# kernels used for a few (token, k) slots, and the grouped GEMM kernels for prefill (small tiles here, so
+# kernels used for a few (token, k) slots (one program per tile, or a persistent grid), and the grouped
+# GEMM kernels for prefill (small tiles here, so
 # that an expert spans several token tiles).
 PATHS = {"tiled": MoEConfig(gemv_max_slots=0), "gemv": MoEConfig(gemv_max_slots=1 << 30),
+         # 7 programs looping over all the tiles (the persistent grid)
+         "gemv_persistent": MoEConfig(gemv_max_slots=1 << 30, gemv_programs=7),
          "grouped": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_m=32, grouped_block_n=32,
                               grouped_block_k=32, grouped_down_block_n=32, grouped_warps=4),
          "grouped_default_tiles": MoEConfig(gemv_max_slots=0, grouped_min_slots=0)}

@@ -138,19 +138,18 @@ if triton is not None:
 
 
     @triton.jit
-    def _gate_up_gemv_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
-                             dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
-                             HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, BLOCK_I: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
-        """One (token, k) slot per program row: a matrix-vector product on CUDA cores, no padded tiles."""
-        slot = tl.program_id(0)
-        offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    def _gate_up_gemv_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, slot, i_block,
+                           dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
+                           HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, BLOCK_I: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+        """h[slot, rows of i_block]: a matrix-vector product on CUDA cores, no padded tiles."""
+        offs_i = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
         mask_i = offs_i < inter
         expert = tl.load(experts_ptr + slot).to(tl.int64)
         # An id < 0 is no expert (expert parallelism: another rank's): no loads, h = 0.
         dim_end = tl.where(expert < 0, 0, dim)
         expert = tl.maximum(expert, 0)
-        token = (slot // top_k).to(tl.int64)
+        token = tl.cast(slot // top_k, tl.int64)
         w_base = expert * stride_we + offs_i[:, None].to(tl.int64) * stride_wi
         gate = tl.zeros((BLOCK_I,), dtype=tl.float32)
         up = tl.zeros((BLOCK_I,), dtype=tl.float32)
@@ -167,16 +166,32 @@ if triton is not None:
             gate *= tl.load(s1_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
             up *= tl.load(s3_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
         h = gate * tl.sigmoid(gate) * up
-        tl.store(h_ptr + slot.to(tl.int64) * stride_h + offs_i, h.to(h_ptr.dtype.element_ty), mask=mask_i)
+        tl.store(h_ptr + tl.cast(slot, tl.int64) * stride_h + offs_i, h.to(h_ptr.dtype.element_ty), mask=mask_i)
 
     @triton.jit
-    def _down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr,
-                          dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
-                          HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, SPLIT: tl.constexpr,
-                          BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-        slot = tl.program_id(0)
-        offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-        split = tl.program_id(2)
+    def _gate_up_gemv_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, num_tiles,
+                             dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
+                             HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, BLOCK_I: tl.constexpr,
+                             BLOCK_D: tl.constexpr, PERSISTENT: tl.constexpr):
+        """One (token, k) slot per program row. Grid (slots, row blocks); PERSISTENT: a 1-D grid of fewer
+        programs, each looping over (slot, row block) tiles (num_tiles of them)."""
+        if PERSISTENT:
+            i_blocks = tl.cdiv(inter, BLOCK_I)
+            for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+                _gate_up_gemv_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
+                                   tile // i_blocks, tile % i_blocks, dim, inter, stride_x, stride_we,
+                                   stride_wi, stride_se, stride_h, HAS_SCALES, MAGIC, BLOCK_I, BLOCK_D)
+        else:
+            _gate_up_gemv_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
+                               tl.program_id(0), tl.program_id(1), dim, inter, stride_x, stride_we, stride_wi,
+                               stride_se, stride_h, HAS_SCALES, MAGIC, BLOCK_I, BLOCK_D)
+
+    @triton.jit
+    def _down_gemv_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr, slot, o_block, split,
+                        dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
+                        HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, SPLIT: tl.constexpr,
+                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+        offs_o = o_block * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < dim
         expert = tl.load(experts_ptr + slot).to(tl.int64)
         split_len = tl.cdiv(tl.cdiv(inter, SPLIT), BLOCK_I) * BLOCK_I
@@ -187,16 +202,34 @@ if triton is not None:
         for i0 in range(split * split_len, split_end, BLOCK_I):
             offs_i = i0 + tl.arange(0, BLOCK_I)
             mask_i = offs_i < inter
-            h = tl.load(h_ptr + slot.to(tl.int64) * stride_h + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + tl.cast(slot, tl.int64) * stride_h + offs_i, mask=mask_i, other=0.0).to(tl.float32)
             w2 = dequant(tl.load(w2_ptr + w_base + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :],
                                  other=0), tl.float32, MAGIC)
             acc += tl.sum(w2 * h[None, :], axis=1)
         if HAS_SCALES:
             acc *= tl.load(s2_ptr + expert * stride_se + offs_o, mask=mask_o, other=0.0).to(tl.float32)
         acc *= tl.load(routing_ptr + slot).to(tl.float32)
-        tl.store(y_ptr + split.to(tl.int64) * stride_split + slot.to(tl.int64) * stride_y + offs_o, acc,
+        tl.store(y_ptr + tl.cast(split, tl.int64) * stride_split + tl.cast(slot, tl.int64) * stride_y + offs_o, acc,
                  mask=mask_o)
 
+    @triton.jit
+    def _down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr, num_tiles,
+                          dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
+                          HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, SPLIT: tl.constexpr,
+                          BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, PERSISTENT: tl.constexpr):
+        """Grid (slots, output blocks, SPLIT); PERSISTENT: a 1-D grid looping over those tiles."""
+        if PERSISTENT:
+            o_blocks = tl.cdiv(dim, BLOCK_O)
+            for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+                _down_gemv_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr,
+                                tile // (o_blocks * SPLIT), (tile // SPLIT) % o_blocks, tile % SPLIT,
+                                dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
+                                HAS_SCALES, MAGIC, SPLIT, BLOCK_O, BLOCK_I)
+        else:
+            _down_gemv_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr,
+                            tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                            dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
+                            HAS_SCALES, MAGIC, SPLIT, BLOCK_O, BLOCK_I)
 
     @triton.jit
     def _grouped_gate_up_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, slot_token_ptr,
@@ -315,6 +348,9 @@ class MoEConfig:
     gemv_down_block_i: int = 512
     gemv_split: int = 4
     gemv_warps: int = 4
+    # > 0: the matrix-vector kernels run this many programs, each looping over tiles (a persistent grid,
+    # e.g. a multiple of the SM count); 0: one program per tile. Unmeasured (benchmarks/sweep_moe.py).
+    gemv_programs: int = 0
     # int8 weights to float without the conversion instruction (see `dequant`).
     int8_magic: bool = True
     # From this many (token, k) slots on, the grouped GEMM kernels (token tiles of one expert in the grid,
@@ -392,16 +428,19 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     y = torch.empty(c.gemv_split, slots, dim, dtype=torch.float32, device=x.device)
     has_scales = scales is not None
     s1, s2, s3 = scales if has_scales else (w1, w2, w3)
-    _gate_up_gemv_kernel[(slots, triton.cdiv(inter, c.gemv_block_i))](
-        x, w1, w3, s1, s3, h, experts, top_k,
+    i_blocks, o_blocks = triton.cdiv(inter, c.gemv_block_i), triton.cdiv(dim, c.gemv_down_block_o)
+    persistent = c.gemv_programs > 0
+    gate_up_tiles, down_tiles = slots * i_blocks, slots * o_blocks * c.gemv_split
+    _gate_up_gemv_kernel[(min(gate_up_tiles, c.gemv_programs),) if persistent else (slots, i_blocks)](
+        x, w1, w3, s1, s3, h, experts, top_k, gate_up_tiles,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
         HAS_SCALES=has_scales, MAGIC=c.int8_magic, BLOCK_I=c.gemv_block_i, BLOCK_D=c.gemv_block_d,
-        num_warps=c.gemv_warps)
-    _down_gemv_kernel[(slots, triton.cdiv(dim, c.gemv_down_block_o), c.gemv_split)](
-        h, w2, s2, y, experts, routing_weights.flatten().contiguous(),
+        PERSISTENT=persistent, num_warps=c.gemv_warps)
+    _down_gemv_kernel[(min(down_tiles, c.gemv_programs),) if persistent else (slots, o_blocks, c.gemv_split)](
+        h, w2, s2, y, experts, routing_weights.flatten().contiguous(), down_tiles,
         dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
         y.stride(0), HAS_SCALES=has_scales, MAGIC=c.int8_magic, SPLIT=c.gemv_split, BLOCK_O=c.gemv_down_block_o,
-        BLOCK_I=c.gemv_down_block_i, num_warps=c.gemv_warps)
+        BLOCK_I=c.gemv_down_block_i, PERSISTENT=persistent, num_warps=c.gemv_warps)
     return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
 
 
