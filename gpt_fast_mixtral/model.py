@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from gpt_fast_mixtral.config import ModelArgs
 from gpt_fast_mixtral.kernels import attention as attention_kernels
 from gpt_fast_mixtral.kernels import moe as fused_moe_kernels
+from gpt_fast_mixtral.kernels import router as router_kernels
 
 
 class KVCache(nn.Module):
@@ -228,14 +229,19 @@ class MOEFeedForward(nn.Module):
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), indices
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, routing: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The experts' sum for x [..., D]; `routing` (weights, ids [N, k]) when already computed."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, indices = self.route(x)
+        weights, indices = self.route(x) if routing is None else routing
         return self.cond_ffn(x, weights, indices).reshape(shape)
 
 
 class TransformerBlock(nn.Module):
+    # On a GPU: the residual add, ffn_norm and the routing in one kernel (kernels/router.py) instead of
+    # four small ones. Off until measured on a GPU (scripts/benchmark.py --fused-router).
+    fused_router = False
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.attention = Attention(args)
@@ -244,8 +250,16 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len)
-        return h + self.block_sparse_moe(self.ffn_norm(h))
+        attended = self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len)
+        moe = self.block_sparse_moe
+        if self.fused_router and router_kernels.available(x):
+            shape = x.shape
+            h, normed, weights, ids = router_kernels.residual_norm_route(
+                x.reshape(-1, shape[-1]).contiguous(), attended.reshape(-1, shape[-1]).contiguous(),
+                self.ffn_norm.weight, self.ffn_norm.eps, moe.gate.weight, moe.top_k)
+            return h.view(shape) + moe(normed.view(shape), routing=(weights, ids))
+        h = x + attended
+        return h + moe(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):

@@ -41,6 +41,7 @@ from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
 from gpt_fast_mixtral.kernels import moe as moe_kernels  # noqa: E402
+from gpt_fast_mixtral.model import TransformerBlock  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
 from gpt_fast_mixtral.tp import (  # noqa: E402
     ALL_REDUCES,
@@ -228,6 +229,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         engine = Engine(model, NullTokenizer(args.vocab_size), max_batch_size=options.batch_size,  # type: ignore[arg-type]
                         max_seq_len=options.max_seq_len, compile=compile_step)
     build_s = time.perf_counter() - build_start
+    TransformerBlock.fused_router = options.fused_router
     if options.grouped_min_slots is not None:
         moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
                                                          grouped_min_slots=options.grouped_min_slots)
@@ -274,6 +276,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "moe_impl": options.moe_impl,
         "fused_max_tokens": options.fused_max_tokens,  # None: the model's default
         "grouped_min_slots": options.grouped_min_slots,  # None: kernels.moe.DEFAULT_CONFIG's
+        "fused_router": options.fused_router,
         "compile": compile_step,
         "parallel": options.parallel or "none",
         "world_size": world_size,
@@ -375,6 +378,8 @@ def parse_args() -> argparse.Namespace:
                              "einsum (the baseline)")
     parser.add_argument("--fused-max-tokens", type=int, default=None,
                         help="largest token count that uses the fused expert kernels (prefill experiments)")
+    parser.add_argument("--fused-router", action="store_true",
+                        help="residual add, ffn norm and routing in one kernel (model.TransformerBlock.fused_router)")
     parser.add_argument("--grouped-min-slots", type=int, default=None,
                         help="(token, k) slots from which the fused experts use the grouped GEMM kernels "
                              "(prefill experiments; with --fused-max-tokens above the prompt length)")

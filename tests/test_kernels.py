@@ -10,6 +10,7 @@ import torch
 from gpt_fast_mixtral.kernels.attention import decode_attention, reference_decode_attention
 from gpt_fast_mixtral.kernels.linear import LinearConfig, int8_linear, reference_int8_linear
 from gpt_fast_mixtral.kernels.moe import MoEConfig, fused_moe, reference_moe
+from gpt_fast_mixtral.kernels.router import reference_residual_norm_route, residual_norm_route
 from gpt_fast_mixtral.quantize import quantize_per_channel
 
 pytestmark = pytest.mark.gpu
@@ -186,4 +187,55 @@ def test_model_decode_step_with_the_attention_kernel_equals_sdpa(tmp_path):
                 logits[use_kernel] = model(tokens[:, 10:11], positions)
             finally:
                 Attention.decode_kernel = True
+    assert relative_error(logits[True], logits[False].float()) < 1e-5
+
+
+ROUTER_SHAPES = [  # rows, dim, experts, top_k
+    (1, 4096, 8, 2),
+    (3, 96, 5, 3),
+    (8, 200, 8, 1),
+    (2, 1500, 16, 4),
+    (300, 256, 7, 2),
+]
+
+
+@pytest.mark.parametrize("shape", ROUTER_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_norm_route_matches_reference(shape, dtype):
+    rows, dim, experts, top_k = shape
+    generator = torch.Generator(device="cuda").manual_seed(sum(shape))
+    x, delta = (torch.randn(rows, dim, device="cuda", generator=generator).to(dtype) for _ in range(2))
+    norm_weight = (torch.rand(dim, device="cuda", generator=generator) + 0.5).to(dtype)
+    gate_weight = (torch.randn(experts, dim, device="cuda", generator=generator) * dim ** -0.5).to(dtype)
+    got = residual_norm_route(x, delta, norm_weight, 1e-5, gate_weight, top_k)
+    expected = reference_residual_norm_route(x, delta, norm_weight, 1e-5, gate_weight, top_k)
+    h, normed, weights, ids = got
+    assert torch.equal(h, expected[0])  # the same add in the same dtype
+    assert [t.dtype for t in got] == [t.dtype for t in expected] and ids.shape == (rows, top_k)
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert relative_error(normed, expected[1].float()) < bound
+    # Routing: the same experts except where two probabilities are within rounding of each other.
+    agree = (ids == expected[3]).all(dim=1)
+    assert agree.float().mean() > (0.999 if dtype == torch.float32 else 0.95)
+    assert relative_error(weights[agree], expected[2][agree].float()) < bound
+
+
+def test_model_with_the_fused_router_equals_the_plain_model(tmp_path):
+    from gpt_fast_mixtral.checkpoint import convert_checkpoint, load_model
+    from gpt_fast_mixtral.model import TransformerBlock
+    from gpt_fast_mixtral.tiny_model import make_tiny_model
+
+    checkpoint = convert_checkpoint(make_tiny_model(tmp_path, seed=9, dtype=torch.float32))
+    model = load_model(checkpoint, device="cuda", dtype=torch.float32)
+    model.setup_caches(2, 32)
+    tokens = torch.randint(3, model.args.vocab_size, (2, 11), device="cuda")
+    logits = {}
+    with torch.inference_mode():
+        for fused in (True, False):
+            TransformerBlock.fused_router = fused
+            try:
+                prefill = model(tokens[:, :10], torch.arange(10, device="cuda").expand(2, 10))
+                logits[fused] = torch.cat([prefill, model(tokens[:, 10:11], torch.full((2, 1), 10, device="cuda"))], 1)
+            finally:
+                TransformerBlock.fused_router = False
     assert relative_error(logits[True], logits[False].float()) < 1e-5

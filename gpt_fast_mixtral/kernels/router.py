@@ -1,0 +1,118 @@
+"""Residual add, RMSNorm and MoE routing of one transformer block in one kernel.
+
+Between the attention block and the experts, a decode step otherwise runs four small kernels (residual +
+norm, router matmul, softmax + top-k, renormalise), each a few microseconds of launch and latency for a
+few kilobytes of data. `residual_norm_route` does all of it with one program per token row:
+
+    h = x + delta                                   (the residual stream, x's dtype)
+    normed = RMSNorm(h) * norm_weight                (rounded as model.RMSNorm rounds)
+    probs = softmax(normed @ gate_weight.T)          (logits rounded to x's dtype, softmax in float32)
+    weights, ids = top_k(probs, k); weights /= sum   (renormalised, x's dtype)
+
+`reference_residual_norm_route` is the same in plain PyTorch (the model's own functions), which the GPU
+tests compare it with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the model keeps its PyTorch path
+    triton = None
+
+
+def available(x: Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+def reference_residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
+                                  top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h, normed, routing weights [N, k] and expert ids [N, k] for x, delta [N, D]."""
+    from gpt_fast_mixtral.model import top_k as top_k_of
+
+    h = x + delta
+    h32 = h.float()
+    normed = norm_weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    probs = F.softmax(F.linear(normed, gate_weight).float(), dim=-1)
+    weights, ids = top_k_of(probs, top_k)
+    return h, normed, (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype), ids
+
+
+if triton is not None:
+
+    @triton.jit
+    def _residual_norm_route_kernel(x_ptr, delta_ptr, norm_w_ptr, gate_w_ptr, h_ptr, normed_ptr, weights_ptr,
+                                    ids_ptr, dim, num_experts, eps, stride_x, stride_delta, stride_h,
+                                    stride_normed, stride_gate,
+                                    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                                    BLOCK_E: tl.constexpr):
+        """One token row per program, in BLOCK_D chunks: pass 1 writes h and sums its squares, pass 2
+        writes the normed row and accumulates the router logits of every expert."""
+        row = tl.program_id(0).to(tl.int64)
+        sum_sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < dim
+            h = (tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
+                 + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))  # x's dtype
+            tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask_d)
+            sum_sq += h.to(tl.float32) * h.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / dim + eps)
+        offs_e = tl.arange(0, BLOCK_E)
+        mask_e = offs_e < num_experts
+        logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < dim
+            # h again from x and delta (this program's own stores to h need not be visible to its threads)
+            h = (tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
+                 + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))
+            norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
+            # (h * rstd) rounded to the activation dtype, then times the weight, rounded: as model.RMSNorm
+            normed = (norm_w.to(tl.float32) * (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)).to(h.dtype)
+            tl.store(normed_ptr + row * stride_normed + offs_d, normed, mask=mask_d)
+            gate_w = tl.load(gate_w_ptr + offs_e[:, None] * stride_gate + offs_d[None, :],
+                             mask=mask_e[:, None] & mask_d[None, :], other=0.0)
+            logits += tl.sum(gate_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
+        logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)  # F.linear returns the activation dtype
+        logits = tl.where(mask_e, logits, float("-inf"))
+        probs = tl.exp(logits - tl.max(logits, axis=0))
+        probs = tl.where(mask_e, probs / tl.sum(probs, axis=0), -1.0)
+        # Top-k by k max-reductions; ties go to the lowest expert id.
+        offs_k = tl.arange(0, BLOCK_K)
+        chosen = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        chosen_ids = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        for k in tl.static_range(TOP_K):
+            best = tl.max(probs, axis=0)
+            best_id = tl.min(tl.where(probs == best, offs_e, BLOCK_E), axis=0)
+            chosen = tl.where(offs_k == k, best, chosen)
+            chosen_ids = tl.where(offs_k == k, best_id, chosen_ids)
+            probs = tl.where(offs_e == best_id, -1.0, probs)
+        mask_k = offs_k < TOP_K
+        tl.store(weights_ptr + row * TOP_K + offs_k, chosen / tl.sum(chosen, axis=0), mask=mask_k)
+        tl.store(ids_ptr + row * TOP_K + offs_k, chosen_ids.to(tl.int64), mask=mask_k)
+
+
+def residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
+                        top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused kernel: what reference_residual_norm_route returns, for x, delta [N, D] on a GPU."""
+    num_rows, dim = x.shape
+    num_experts = gate_weight.shape[0]
+    h = torch.empty_like(x)
+    normed = torch.empty_like(x)
+    # float32 while the kernel sums and divides; the caller gets x's dtype like the reference.
+    weights = torch.empty(num_rows, top_k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=x.device)
+    if num_rows:
+        _residual_norm_route_kernel[(num_rows,)](
+            x, delta, norm_weight, gate_weight, h, normed, weights, ids, dim, num_experts, eps,
+            x.stride(0), delta.stride(0), h.stride(0), normed.stride(0), gate_weight.stride(0),
+            TOP_K=top_k, BLOCK_K=max(2, triton.next_power_of_2(top_k)),
+            BLOCK_D=min(1024, triton.next_power_of_2(dim)), BLOCK_E=max(2, triton.next_power_of_2(num_experts)),
+            num_warps=4)
+    return h, normed, weights.to(x.dtype), ids
