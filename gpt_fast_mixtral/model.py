@@ -67,6 +67,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     # One-token steps on a GPU use kernels/attention.py (False: SDPA with a mask, as prefill does).
     decode_kernel = True
+    # ... and, with decode_kernel, rotate q and k and write the KV cache in one kernel. Off until measured
+    # on a GPU (scripts/benchmark.py --fused-rope-cache).
+    fused_rope_cache = False
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -79,15 +82,24 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
         batch, seq_len, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        assert self.kv_cache is not None, "call Transformer.setup_caches() before running the model"
+        decode_kernel = seq_len == 1 and self.decode_kernel and attention_kernels.available(x)
+        if decode_kernel and self.fused_rope_cache:
+            cache = self.kv_cache
+            q = attention_kernels.rope_and_cache_write(
+                self.wqkv(x).view(batch, -1), cos[:, 0, 0], sin[:, 0, 0], cache.k_cache, cache.v_cache,
+                input_pos[:, 0], self.n_heads, self.n_kv_heads, self.head_dim)
+            out = attention_kernels.decode_attention(q, cache.k_cache[:batch], cache.v_cache[:batch],
+                                                     input_pos[:, 0] + 1, self.sliding_window)
+            return self.wo(out.view(batch, 1, q_size))
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(batch, seq_len, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(batch, seq_len, self.n_kv_heads, self.head_dim), cos, sin)
         v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
 
-        assert self.kv_cache is not None, "call Transformer.setup_caches() before running the model"
         keys, values = self.kv_cache.update(input_pos, k, v)
-        if seq_len == 1 and self.decode_kernel and attention_kernels.available(x):
+        if decode_kernel:
             # Reads each row's filled slots only (the SDPA below reads all max_seq_len of them).
             out = attention_kernels.decode_attention(q[:, :, 0], keys, values, input_pos[:, 0] + 1,
                                                      self.sliding_window)

@@ -41,7 +41,7 @@ from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
 from gpt_fast_mixtral.kernels import moe as moe_kernels  # noqa: E402
-from gpt_fast_mixtral.model import TransformerBlock  # noqa: E402
+from gpt_fast_mixtral.model import Attention, TransformerBlock  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
 from gpt_fast_mixtral.tp import (  # noqa: E402
     ALL_REDUCES,
@@ -230,6 +230,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
                         max_seq_len=options.max_seq_len, compile=compile_step)
     build_s = time.perf_counter() - build_start
     TransformerBlock.fused_router = options.fused_router
+    Attention.fused_rope_cache = options.fused_rope_cache
     if options.grouped_min_slots is not None:
         moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
                                                          grouped_min_slots=options.grouped_min_slots)
@@ -277,6 +278,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "fused_max_tokens": options.fused_max_tokens,  # None: the model's default
         "grouped_min_slots": options.grouped_min_slots,  # None: kernels.moe.DEFAULT_CONFIG's
         "fused_router": options.fused_router,
+        "fused_rope_cache": options.fused_rope_cache,
         "compile": compile_step,
         "parallel": options.parallel or "none",
         "world_size": world_size,
@@ -380,6 +382,9 @@ def parse_args() -> argparse.Namespace:
                         help="largest token count that uses the fused expert kernels (prefill experiments)")
     parser.add_argument("--fused-router", action="store_true",
                         help="residual add, ffn norm and routing in one kernel (model.TransformerBlock.fused_router)")
+    parser.add_argument("--fused-rope-cache", action="store_true",
+                        help="rotary embedding and KV-cache write of a decode step in one kernel "
+                             "(model.Attention.fused_rope_cache)")
     parser.add_argument("--grouped-min-slots", type=int, default=None,
                         help="(token, k) slots from which the fused experts use the grouped GEMM kernels "
                              "(prefill experiments; with --fused-max-tokens above the prompt length)")

@@ -7,7 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from gpt_fast_mixtral.kernels.attention import decode_attention, reference_decode_attention
+from gpt_fast_mixtral.kernels.attention import (
+    decode_attention,
+    reference_decode_attention,
+    reference_rope_and_cache_write,
+    rope_and_cache_write,
+)
 from gpt_fast_mixtral.kernels.linear import LinearConfig, int8_linear, reference_int8_linear
 from gpt_fast_mixtral.kernels.moe import MoEConfig, fused_moe, reference_moe
 from gpt_fast_mixtral.kernels.router import reference_residual_norm_route, residual_norm_route
@@ -238,4 +243,50 @@ def test_model_with_the_fused_router_equals_the_plain_model(tmp_path):
                 logits[fused] = torch.cat([prefill, model(tokens[:, 10:11], torch.full((2, 1), 10, device="cuda"))], 1)
             finally:
                 TransformerBlock.fused_router = False
+    assert relative_error(logits[True], logits[False].float()) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 8, 128, 1), (3, 4, 2, 16, 4), (2, 6, 6, 40, 2), (8, 8, 2, 64, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_cache_write_matches_reference(shape, dtype):
+    batch, n_heads, n_kv_heads, head_dim, cache_rows = shape
+    generator = torch.Generator(device="cuda").manual_seed(head_dim)
+    qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, device="cuda", generator=generator).to(dtype)
+    table = torch.randn(50, head_dim // 2, 2, device="cuda", generator=generator)  # as model.rope_tables
+    positions = torch.randint(0, 50, (batch,), device="cuda", generator=generator)
+    rope = table[positions]
+    caches = [torch.randn(cache_rows, n_kv_heads, 50, head_dim, device="cuda", generator=generator).to(dtype)
+              for _ in range(2)]
+    expected_caches = [c.clone() for c in caches]
+    got = rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *caches, positions, n_heads, n_kv_heads, head_dim)
+    expected = reference_rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *expected_caches, positions,
+                                              n_heads, n_kv_heads, head_dim)
+    # The same float32 arithmetic rounded once: equal up to fused multiply-adds.
+    bound = 1e-6 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype and relative_error(got, expected.float()) < bound
+    assert relative_error(caches[0], expected_caches[0].float()) < bound
+    assert torch.equal(caches[1], expected_caches[1])  # values are copied
+
+
+def test_model_decode_with_the_fused_rope_and_cache_write_equals_the_plain_step(tmp_path):
+    from gpt_fast_mixtral.checkpoint import convert_checkpoint, load_model
+    from gpt_fast_mixtral.model import Attention
+    from gpt_fast_mixtral.tiny_model import make_tiny_model
+
+    checkpoint = convert_checkpoint(make_tiny_model(tmp_path, seed=4, dtype=torch.float32, sliding_window=6))
+    model = load_model(checkpoint, device="cuda", dtype=torch.float32)
+    tokens = torch.randint(3, model.args.vocab_size, (2, 13), device="cuda")
+    logits = {}
+    with torch.inference_mode():
+        for fused in (True, False):
+            model.max_batch_size = 0  # fresh caches
+            model.setup_caches(2, 32)
+            model(tokens[:, :10], torch.arange(10, device="cuda").expand(2, 10))
+            Attention.fused_rope_cache = fused
+            try:
+                steps = [model(tokens[:, 10 + i:11 + i], torch.tensor([[10 + i], [4 + i]], device="cuda"))
+                         for i in range(3)]  # rows at different lengths, three steps through the caches
+            finally:
+                Attention.fused_rope_cache = False
+            logits[fused] = torch.cat(steps, dim=1)
     assert relative_error(logits[True], logits[False].float()) < 1e-5

@@ -138,3 +138,78 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tenso
                                       out.stride(1), head_dim, BLOCK_SPLITS=triton.next_power_of_2(splits),
                                       BLOCK_D=block_d, num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rotary embedding and KV-cache write of a decode step in one kernel.
+
+def reference_rope_and_cache_write(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                   positions: Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> Tensor:
+    """What model.Attention does for one token per row: rotate q and k of qkv [B, (Hq + 2 Hkv) * D] with
+    cos, sin [B, D / 2], write k and v at positions [B] of k/v_cache [B', Hkv, S, D] (in place); return q
+    rotated, [B, Hq, D]."""
+    from gpt_fast_mixtral.model import apply_rope
+
+    batch = qkv.shape[0]
+    q, k, v = qkv.split([n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim], dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    q = apply_rope(q.reshape(batch, n_heads, head_dim), cos, sin)
+    k = apply_rope(k.reshape(batch, n_kv_heads, head_dim), cos, sin)
+    rows = torch.arange(batch, device=qkv.device)
+    k_cache[rows, :, positions] = k
+    v_cache[rows, :, positions] = v.reshape(batch, n_kv_heads, head_dim)
+    return q
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ptr, v_ptr, n_heads, n_kv_heads,
+                           head_dim, stride_qkv, stride_cos_b, stride_cos_d, stride_sin_b, stride_sin_d,
+                           stride_qob, stride_qoh, stride_kb, stride_kh, stride_ks, BLOCK_HALF: tl.constexpr):
+        """Program (row, head): heads [0, Hq) rotate a query head into q_out; heads [Hq, Hq + Hkv) rotate
+        a key head and write it and the matching value head into the caches at the row's position."""
+        b = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        half = head_dim // 2
+        offs = tl.arange(0, BLOCK_HALF)
+        mask = offs < half
+        cos = tl.load(cos_ptr + b * stride_cos_b + offs * stride_cos_d, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b * stride_sin_b + offs * stride_sin_d, mask=mask, other=0.0).to(tl.float32)
+        row = qkv_ptr + b * stride_qkv
+        kv_head = head - n_heads
+        is_key = kv_head >= 0
+        src = tl.where(is_key, n_heads * head_dim + kv_head * head_dim, head * head_dim)
+        x1 = tl.load(row + src + offs, mask=mask, other=0.0)
+        x2 = tl.load(row + src + half + offs, mask=mask, other=0.0)
+        out1 = (x1.to(tl.float32) * cos - x2.to(tl.float32) * sin).to(x1.dtype)
+        out2 = (x2.to(tl.float32) * cos + x1.to(tl.float32) * sin).to(x1.dtype)
+        if is_key:
+            position = tl.load(pos_ptr + b).to(tl.int64)
+            slot = b * stride_kb + kv_head.to(tl.int64) * stride_kh + position * stride_ks
+            tl.store(k_ptr + slot + offs, out1.to(k_ptr.dtype.element_ty), mask=mask)
+            tl.store(k_ptr + slot + half + offs, out2.to(k_ptr.dtype.element_ty), mask=mask)
+            value = row + (n_heads + n_kv_heads) * head_dim + kv_head * head_dim
+            for d0 in range(0, head_dim, BLOCK_HALF):  # the value head, copied as it is
+                offs_v = d0 + offs
+                tl.store(v_ptr + slot + offs_v, tl.load(value + offs_v, mask=offs_v < head_dim),
+                         mask=offs_v < head_dim)
+        else:
+            out = q_out_ptr + b * stride_qob + head * stride_qoh
+            tl.store(out + offs, out1, mask=mask)
+            tl.store(out + half + offs, out2, mask=mask)
+
+
+def rope_and_cache_write(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                         positions: Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> Tensor:
+    """The fused kernel: what reference_rope_and_cache_write does and returns (head_dim even)."""
+    batch = qkv.shape[0]
+    if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("qkv rows and the caches' head_dim must be contiguous, k and v caches alike")
+    q = torch.empty(batch, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(batch, n_heads + n_kv_heads)](
+        qkv, cos, sin, positions, q, k_cache, v_cache, n_heads, n_kv_heads, head_dim,
+        qkv.stride(0), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_HALF=max(16, triton.next_power_of_2(head_dim // 2)), num_warps=1)
+    return q
