@@ -62,6 +62,14 @@ PREFILL_CONFIGS = {
     "grouped_128x256x64_down": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_down_block_n=256),
     "grouped_128x128x128": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_k=128,
                                      grouped_stages=2),
+    # weights as the dot's first operand (from registers), tokens second
+    "grouped_swap_64x128x64": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True,
+                                        grouped_block_m=64),
+    "grouped_swap_128x128x64": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True),
+    "grouped_swap_64x256x64_w8": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True,
+                                           grouped_block_m=64, grouped_block_n=256, grouped_down_block_n=256),
+    "grouped_swap_128x128x64_s4": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True,
+                                            grouped_stages=4),
 }
 
 

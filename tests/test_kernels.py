@@ -38,7 +38,10 @@ PATHS = {"tiled": MoEConfig(gemv_max_slots=0), "gemv": MoEConfig(gemv_max_slots=
          "gemv_persistent": MoEConfig(gemv_max_slots=1 << 30, gemv_programs=7),
          "grouped": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_m=32, grouped_block_n=32,
                               grouped_block_k=32, grouped_down_block_n=32, grouped_warps=4),
-         "grouped_default_tiles": MoEConfig(gemv_max_slots=0, grouped_min_slots=0)}
+         "grouped_default_tiles": MoEConfig(gemv_max_slots=0, grouped_min_slots=0),
+         "grouped_swap_ab": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_m=32, grouped_block_n=64,
+                                      grouped_block_k=32, grouped_down_block_n=64, grouped_warps=4,
+                                      grouped_swap_ab=True)}
 
 
 def make_inputs(tokens, experts, top_k, dim, inter, dtype, seed):

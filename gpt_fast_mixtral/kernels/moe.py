@@ -232,16 +232,112 @@ if triton is not None:
                             HAS_SCALES, MAGIC, SPLIT, BLOCK_O, BLOCK_I)
 
     @triton.jit
+    def _gate_up_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, expert, rows, mask_m, token, offs_n, mask_n,
+                      dim, stride_x, stride_we, stride_wi, stride_se, stride_h,
+                      HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):
+        """h[rows, offs_n] = silu(x[token] @ w1.T) * (x[token] @ w3.T) for one expert. Weights are read along
+        K (rows of w are contiguous). Plain: [BLOCK_M, BLOCK_N] = x [M, K] @ w.T [K, N]. SWAP_AB: the
+        transposed tile, w [N, K] @ x.T [K, M], so that the dequantised weights are the dot's first
+        operand, which the tensor cores can take from registers (the second goes through shared memory)."""
+        offs_k = tl.arange(0, BLOCK_K)
+        w_rows = expert.to(tl.int64) * stride_we + offs_n.to(tl.int64) * stride_wi
+        if SWAP_AB:
+            x_ptrs = x_ptr + token[None, :] * stride_x + offs_k[:, None]  # [K, M]
+            w_offsets = w_rows[:, None] + offs_k[None, :]  # [N, K]
+            gate = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            x_ptrs = x_ptr + token[:, None] * stride_x + offs_k[None, :]  # [M, K]
+            w_offsets = w_rows[None, :] + offs_k[:, None]  # [K, N]
+            gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros_like(gate)
+        for k0 in range(0, dim, BLOCK_K):
+            mask_k = (k0 + offs_k) < dim
+            if SWAP_AB:
+                x_mask = mask_m[None, :] if EVEN_K else mask_k[:, None] & mask_m[None, :]
+                w_mask = mask_n[:, None] if EVEN_K else mask_n[:, None] & mask_k[None, :]
+            else:
+                x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
+                w_mask = mask_n[None, :] if EVEN_K else mask_k[:, None] & mask_n[None, :]
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            w1 = dequant(tl.load(w1_ptr + w_offsets, mask=w_mask, other=0), x.dtype, MAGIC)
+            w3 = dequant(tl.load(w3_ptr + w_offsets, mask=w_mask, other=0), x.dtype, MAGIC)
+            if SWAP_AB:
+                gate = tl.dot(w1, x, gate, input_precision=PRECISION)
+                up = tl.dot(w3, x, up, input_precision=PRECISION)
+            else:
+                gate = tl.dot(x, w1, gate, input_precision=PRECISION)
+                up = tl.dot(x, w3, up, input_precision=PRECISION)
+            x_ptrs += BLOCK_K
+            w_offsets += BLOCK_K
+        if HAS_SCALES:
+            s1 = tl.load(s1_ptr + expert * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            s3 = tl.load(s3_ptr + expert * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            if SWAP_AB:
+                gate, up = gate * s1[:, None], up * s3[:, None]
+            else:
+                gate, up = gate * s1[None, :], up * s3[None, :]
+        h = (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
+        if SWAP_AB:
+            tl.store(h_ptr + rows[None, :].to(tl.int64) * stride_h + offs_n[:, None], h,
+                     mask=mask_n[:, None] & mask_m[None, :])
+        else:
+            tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_h + offs_n[None, :], h,
+                     mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _down_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, slot_ptr, routing_ptr, expert, rows, mask_m, offs_n, mask_n,
+                   inter, stride_h, stride_we, stride_wd, stride_se, stride_y,
+                   HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):
+        """y[slot of row] = routing[slot] * (h[rows] @ w2.T)[:, offs_n] for one expert (layouts as _gate_up_tile)."""
+        offs_k = tl.arange(0, BLOCK_K)
+        w_rows = expert.to(tl.int64) * stride_we + offs_n.to(tl.int64) * stride_wd
+        if SWAP_AB:
+            h_ptrs = h_ptr + rows[None, :].to(tl.int64) * stride_h + offs_k[:, None]
+            w_offsets = w_rows[:, None] + offs_k[None, :]
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + offs_k[None, :]
+            w_offsets = w_rows[None, :] + offs_k[:, None]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            mask_k = (k0 + offs_k) < inter
+            if SWAP_AB:
+                h_mask = mask_m[None, :] if EVEN_K else mask_k[:, None] & mask_m[None, :]
+                w_mask = mask_n[:, None] if EVEN_K else mask_n[:, None] & mask_k[None, :]
+            else:
+                h_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
+                w_mask = mask_n[None, :] if EVEN_K else mask_k[:, None] & mask_n[None, :]
+            h = tl.load(h_ptrs, mask=h_mask, other=0.0)
+            w = dequant(tl.load(w2_ptr + w_offsets, mask=w_mask, other=0), h.dtype, MAGIC)
+            if SWAP_AB:
+                acc = tl.dot(w, h, acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(h, w, acc, input_precision=PRECISION)
+            h_ptrs += BLOCK_K
+            w_offsets += BLOCK_K
+        slot = tl.load(slot_ptr + rows, mask=mask_m, other=0)
+        routing = tl.load(routing_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+        scale = tl.load(s2_ptr + expert * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32) if HAS_SCALES \
+            else tl.full((BLOCK_N,), 1.0, tl.float32)
+        if SWAP_AB:
+            tl.store(y_ptr + slot[None, :].to(tl.int64) * stride_y + offs_n[:, None],
+                     acc * scale[:, None] * routing[None, :], mask=mask_n[:, None] & mask_m[None, :])
+        else:
+            tl.store(y_ptr + slot[:, None].to(tl.int64) * stride_y + offs_n[None, :],
+                     acc * scale[None, :] * routing[:, None], mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
     def _grouped_gate_up_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, slot_token_ptr,
                                 tile_expert_ptr, tile_row_ptr, tile_end_ptr, num_experts, num_m_tiles,
                                 dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
                                 HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr, MAGIC: tl.constexpr,
                                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr):
+                                BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):
         """Grouped GEMM for prefill: one program per (tile of up to BLOCK_M slots of one expert, BLOCK_N
-        intermediate rows). Token tiles are a grid dimension that varies fastest, so the programs running
-        together share their expert's weight tiles in L2. Weights are loaded K-major ([BLOCK_K, BLOCK_N]),
-        so the dot needs no transpose."""
+        intermediate rows). Token tiles are the grid's fastest dimension, so the programs running together
+        share their expert's weight tiles in L2."""
         pid = tl.program_id(0)
         pid_m = pid % num_m_tiles
         pid_n = pid // num_m_tiles
@@ -251,34 +347,9 @@ if triton is not None:
             mask_m = rows < tl.load(tile_end_ptr + pid_m)
             token = tl.load(slot_token_ptr + rows, mask=mask_m, other=0).to(tl.int64)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < inter
-            offs_k = tl.arange(0, BLOCK_K)
-            a_ptrs = x_ptr + token[:, None] * stride_x + offs_k[None, :]
-            w_offsets = expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wi + offs_k[:, None]
-            gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, dim, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                    b1 = tl.load(w1_ptr + w_offsets, mask=mask_n[None, :], other=0)
-                    b3 = tl.load(w3_ptr + w_offsets, mask=mask_n[None, :], other=0)
-                else:
-                    mask_k = (k0 + offs_k) < dim
-                    a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                    b1 = tl.load(w1_ptr + w_offsets, mask=mask_k[:, None] & mask_n[None, :], other=0)
-                    b3 = tl.load(w3_ptr + w_offsets, mask=mask_k[:, None] & mask_n[None, :], other=0)
-                b1 = dequant(b1, a.dtype, MAGIC)
-                b3 = dequant(b3, a.dtype, MAGIC)
-                gate = tl.dot(a, b1, gate, input_precision=PRECISION)
-                up = tl.dot(a, b3, up, input_precision=PRECISION)
-                a_ptrs += BLOCK_K
-                w_offsets += BLOCK_K
-            if HAS_SCALES:
-                gate *= tl.load(s1_ptr + expert * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                up *= tl.load(s3_ptr + expert * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            h = gate * tl.sigmoid(gate) * up
-            tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_h + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
-                     mask=mask_m[:, None] & mask_n[None, :])
+            _gate_up_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, expert, rows, mask_m, token, offs_n,
+                          offs_n < inter, dim, stride_x, stride_we, stride_wi, stride_se, stride_h,
+                          HAS_SCALES, PRECISION, MAGIC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB)
 
     @triton.jit
     def _grouped_down_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, slot_ptr, routing_ptr,
@@ -286,7 +357,7 @@ if triton is not None:
                              dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y,
                              HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr, MAGIC: tl.constexpr,
                              EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+                             BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):
         """y[slot] = routing[slot] * (h[row] @ w2[expert].T) for the rows of one expert's tile (h rows are
         already grouped by expert, so no gather); the whole reduction in one program (no split)."""
         pid = tl.program_id(0)
@@ -297,29 +368,9 @@ if triton is not None:
             rows = tl.load(tile_row_ptr + pid_m) + tl.arange(0, BLOCK_M)
             mask_m = rows < tl.load(tile_end_ptr + pid_m)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < dim
-            offs_k = tl.arange(0, BLOCK_K)
-            a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + offs_k[None, :]
-            w_offsets = expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wd + offs_k[:, None]
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, inter, BLOCK_K):
-                if EVEN_K:
-                    a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                    b = tl.load(w2_ptr + w_offsets, mask=mask_n[None, :], other=0)
-                else:
-                    mask_k = (k0 + offs_k) < inter
-                    a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                    b = tl.load(w2_ptr + w_offsets, mask=mask_k[:, None] & mask_n[None, :], other=0)
-                b = dequant(b, a.dtype, MAGIC)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-                a_ptrs += BLOCK_K
-                w_offsets += BLOCK_K
-            if HAS_SCALES:
-                acc *= tl.load(s2_ptr + expert * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            slot = tl.load(slot_ptr + rows, mask=mask_m, other=0)
-            acc *= tl.load(routing_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptr + slot[:, None].to(tl.int64) * stride_y + offs_n[None, :], acc,
-                     mask=mask_m[:, None] & mask_n[None, :])
+            _down_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, slot_ptr, routing_ptr, expert, rows, mask_m, offs_n,
+                       offs_n < dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y,
+                       HAS_SCALES, PRECISION, MAGIC, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB)
 
 
 @dataclass(frozen=True)
@@ -363,6 +414,7 @@ class MoEConfig:
     grouped_down_block_n: int = 128
     grouped_warps: int = 8
     grouped_stages: int = 3
+    grouped_swap_ab: bool = False  # weights x tokens (see _grouped_gate_up_kernel)
 
 
 DEFAULT_CONFIG = MoEConfig()
@@ -486,13 +538,14 @@ def _fused_moe_grouped(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_we
         x, w1, w3, s1, s3, h, slot_token, tile_expert, tile_row, tile_rows_end, num_experts, num_m_tiles,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
         HAS_SCALES=has_scales, PRECISION=precision, MAGIC=c.int8_magic, EVEN_K=dim % block_k == 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=c.grouped_warps, num_stages=c.grouped_stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWAP_AB=c.grouped_swap_ab, num_warps=c.grouped_warps,
+        num_stages=c.grouped_stages)
     _grouped_down_kernel[(num_m_tiles * triton.cdiv(dim, down_block_n),)](
         h, w2, s2, y, order, routing_weights.flatten().contiguous(), tile_expert, tile_row, tile_rows_end,
         num_experts, num_m_tiles, dim, inter, h.stride(0), w2.stride(0), w2.stride(1),
         s2.stride(0) if has_scales else 0, y.stride(0),
         HAS_SCALES=has_scales, PRECISION=precision, MAGIC=c.int8_magic, EVEN_K=inter % block_k == 0,
-        BLOCK_M=block_m, BLOCK_N=down_block_n, BLOCK_K=block_k, num_warps=c.grouped_warps,
-        num_stages=c.grouped_stages)
+        BLOCK_M=block_m, BLOCK_N=down_block_n, BLOCK_K=block_k, SWAP_AB=c.grouped_swap_ab,
+        num_warps=c.grouped_warps, num_stages=c.grouped_stages)
     y = torch.where(valid[:, None], y, 0.0)  # rows of slots with no expert were never written
     return y.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
