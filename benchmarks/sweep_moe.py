@@ -2,6 +2,7 @@
 
     python benchmarks/sweep_moe.py [--tokens 1 8]       (decode)
     python benchmarks/sweep_moe.py --tokens 512 2048    (prefill tiles)
+    python benchmarks/sweep_moe.py --tokens 1 --precisions int8 --configs gemv    (a subset)
 Prints, per config, microseconds per layer and the bandwidth of the expert bytes actually read.
 """
 
@@ -76,11 +77,14 @@ PREFILL_CONFIGS = {
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 8])
+    parser.add_argument("--configs", nargs="*", default=None,
+                        help="only the configs whose names contain one of these strings")
+    parser.add_argument("--precisions", nargs="*", default=["int8", "bf16"], choices=["int8", "bf16"])
     options = parser.parse_args()
     experts, top_k, dim, inter = 8, 2, 4096, 14336
     torch.manual_seed(0)
     rows = []
-    for precision in ("int8", "bf16"):
+    for precision in options.precisions:
         if precision == "int8":
             weights = [torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda")
                        for shape in ((experts, inter, dim), (experts, dim, inter), (experts, inter, dim))]
@@ -99,6 +103,8 @@ def main() -> None:
             touched = indices.unique().numel()
             moved = touched * 3 * dim * inter * weights[0].element_size()
             for name, config in (PREFILL_CONFIGS if tokens * top_k > 16 * experts else CONFIGS).items():
+                if options.configs and not any(part in name for part in options.configs):
+                    continue
                 call = lambda c=config, x=x, w=weights, r=weights_k, i=indices, s=scales: fused_moe(  # noqa: E731
                     x, *w, r, i, s, c)
                 try:
