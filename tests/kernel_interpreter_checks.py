@@ -1,0 +1,140 @@
+"""The GPU kernels against their PyTorch references on the CPU, through Triton's interpreter.
+
+Run by tests/test_kernels_cpu.py in a fresh process (TRITON_INTERPRET must be set before the kernels are
+defined). Float32 only: the interpreter's bfloat16 dots are not exact. Prints one line per check and
+"all kernel checks passed" at the end; any mismatch raises.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from gpt_fast_mixtral import model as model_module  # noqa: E402
+from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
+from gpt_fast_mixtral.kernels import attention, linear, moe, router  # noqa: E402
+from gpt_fast_mixtral.quantize import quantize_per_channel  # noqa: E402
+
+TOLERANCE = 1e-5
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def moe_inputs(tokens: int, experts: int, top_k: int, dim: int, inter: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, dim, generator=generator)
+    w1, w3 = (torch.randn(experts, inter, dim, generator=generator) * dim ** -0.5 for _ in range(2))
+    w2 = torch.randn(experts, dim, inter, generator=generator) * inter ** -0.5
+    weights, ids = torch.randn(tokens, experts, generator=generator).softmax(-1).topk(top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    ids[::3, 0] = -1  # slots with no expert (expert parallelism) add nothing
+    weights[::3, 0] = 0
+    return x, w1, w2, w3, weights, ids
+
+
+def check_moe(name: str, config: moe.MoEConfig, shapes: list[tuple[int, ...]]) -> None:
+    for shape in shapes:
+        x, w1, w2, w3, weights, ids = moe_inputs(*shape, seed=sum(shape))
+        error = relative_error(moe.fused_moe(x, w1, w2, w3, weights, ids, config=config),
+                               moe.reference_moe(x, w1, w2, w3, weights, ids))
+        (q1, s1), (q2, s2), (q3, s3) = (quantize_per_channel(w) for w in (w1, w2, w3))
+        error_int8 = relative_error(moe.fused_moe(x, q1, q2, q3, weights, ids, scales=(s1, s2, s3), config=config),
+                                    moe.reference_moe(x, q1, q2, q3, weights, ids, scales=(s1, s2, s3)))
+        print(f"{name} {shape}: float32 {error:.1e}, int8 {error_int8:.1e}")
+        assert error < TOLERANCE and error_int8 < TOLERANCE, name
+
+
+def check_int8_linear() -> None:
+    for rows, n, k in [(1, 40, 100), (3, 96, 200)]:  # the matrix-vector kernel and the 16-row tile
+        generator = torch.Generator().manual_seed(n + k)
+        weight, scales = quantize_per_channel(torch.randn(n, k, generator=generator))
+        x = torch.randn(rows, k, generator=generator)
+        error = relative_error(linear.int8_linear(x, weight, scales), linear.reference_int8_linear(x, weight, scales))
+        print(f"int8 linear ({rows}, {n}, {k}): {error:.1e}")
+        assert error < TOLERANCE
+
+
+def check_router() -> None:
+    for rows, dim, experts, top_k in [(1, 4096, 8, 2), (3, 96, 5, 3), (2, 1500, 16, 4), (0, 64, 4, 2)]:
+        generator = torch.Generator().manual_seed(rows + dim)
+        x, delta = torch.randn(rows, dim, generator=generator), torch.randn(rows, dim, generator=generator)
+        norm_weight = torch.rand(dim, generator=generator) + 0.5
+        gate = torch.randn(experts, dim, generator=generator) * dim ** -0.5
+        got = router.residual_norm_route(x, delta, norm_weight, 1e-5, gate, top_k)
+        expected = router.reference_residual_norm_route(x, delta, norm_weight, 1e-5, gate, top_k)
+        assert torch.equal(got[3], expected[3]), "expert ids"
+        for a, b in zip(got[:3], expected[:3], strict=True):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        print(f"router ({rows}, {dim}, {experts}, {top_k}): equal")
+
+
+def check_rope_and_cache() -> None:
+    for batch, n_heads, n_kv_heads, head_dim, cache_rows in [(1, 32, 8, 128, 1), (3, 4, 2, 16, 4), (2, 6, 6, 40, 2)]:
+        generator = torch.Generator().manual_seed(head_dim)
+        qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, generator=generator)
+        rope = torch.randn(50, head_dim // 2, 2, generator=generator)[torch.randint(0, 50, (batch,))]
+        positions = torch.randint(0, 50, (batch,), generator=generator)
+        caches = [torch.randn(cache_rows, n_kv_heads, 50, head_dim, generator=generator) for _ in range(2)]
+        expected_caches = [c.clone() for c in caches]
+        got = attention.rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *caches, positions, n_heads,
+                                             n_kv_heads, head_dim)
+        expected = attention.reference_rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *expected_caches,
+                                                            positions, n_heads, n_kv_heads, head_dim)
+        assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(caches[0], expected_caches[0], atol=1e-6)
+        assert torch.equal(caches[1], expected_caches[1])
+        print(f"rope and cache write ({batch}, {n_heads}, {n_kv_heads}, {head_dim}): equal")
+
+
+def check_model_decode_step() -> None:
+    """A decode step through the attention kernel, the fused rope/cache write and the fused router, against
+    the PyTorch path (rows at different lengths, a sliding window)."""
+    args = ModelArgs(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                     num_experts=5, num_experts_per_tok=2, sliding_window=5)
+    torch.manual_seed(0)
+    model = model_module.Transformer(args)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    tokens = torch.randint(0, 300, (2, 9))
+    logits = {}
+    with torch.no_grad():
+        for kernels in (False, True):
+            for module in (attention, router):
+                module.available = lambda x, on=kernels: on  # the interpreter runs the kernels on the CPU
+            model_module.Attention.fused_rope_cache = model_module.TransformerBlock.fused_router = kernels
+            model.max_batch_size = 0  # fresh caches
+            model.setup_caches(2, 32)
+            model(tokens[:, :8], torch.arange(8).repeat(2, 1))
+            logits[kernels] = model(tokens[:, 8:], torch.tensor([[8], [3]]))
+    error = relative_error(logits[True], logits[False])
+    print(f"model decode step with the kernels: {error:.1e}")
+    assert error < TOLERANCE
+
+
+def main() -> None:
+    small_tiles = dict(grouped_block_m=32, grouped_block_n=32, grouped_block_k=32, grouped_down_block_n=32)
+    prefill_shapes = [(3, 5, 3, 96, 200), (50, 8, 2, 64, 128)]
+    check_moe("tiled", moe.MoEConfig(gemv_max_slots=0), [(17, 8, 2, 128, 96)])
+    check_moe("grouped", moe.MoEConfig(gemv_max_slots=0, grouped_min_slots=0, **small_tiles), prefill_shapes)
+    check_moe("grouped swap_ab", moe.MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True,
+                                               **small_tiles), prefill_shapes)
+    gemv = dict(gemv_max_slots=1 << 30, gemv_block_d=64, gemv_down_block_i=64)
+    check_moe("gemv", moe.MoEConfig(**gemv), [(3, 5, 3, 96, 200)])
+    check_moe("gemv persistent", moe.MoEConfig(gemv_programs=7, **gemv), [(3, 5, 3, 96, 200)])
+    check_moe("gemv no magic", moe.MoEConfig(int8_magic=False, **gemv), [(1, 8, 2, 96, 64)])
+    check_int8_linear()
+    check_router()
+    check_rope_and_cache()
+    check_model_decode_step()
+    print("all kernel checks passed")
+
+
+if __name__ == "__main__":
+    main()

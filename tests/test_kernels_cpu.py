@@ -1,0 +1,118 @@
+"""The Triton kernels, checked without a GPU (skipped where triton is not installed; CI installs it).
+
+1. Triton's interpreter runs every kernel on the CPU against its PyTorch reference
+   (tests/kernel_interpreter_checks.py, in its own process: TRITON_INTERPRET must be set before the
+   kernels are defined).
+2. Each kernel compiles for Hopper (sm_90, the H100/H200) with the launch specialisation Triton's JIT
+   would use for Mixtral-8x7B's shapes, fits in shared memory, and the GEMM-shaped ones use the
+   tensor cores' wgmma and asynchronous, pipelined loads (cp.async): a kernel that lost either would
+   still be correct and run several times slower.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from gpt_fast_mixtral.kernels import attention, linear, moe, router  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HOPPER_SHARED_MEMORY = 232448  # bytes per block on sm_90 (227 KB)
+
+
+def test_kernels_match_their_references_in_the_interpreter() -> None:
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "kernel_interpreter_checks.py")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert "all kernel checks passed" in result.stdout
+
+
+# Integer arguments as Mixtral-8x7B's decode/prefill launches pass them: Triton's JIT specialises a
+# pointer or integer divisible by 16 (it may then vectorise and pipeline loads), so the compile here does too.
+SAMPLE_INTS = {"num_experts": 8, "num_m_tiles": 40, "dim": 4096, "inter": 14336, "top_k": 2, "num_tiles": 3584,
+               "n_heads": 32, "n_kv_heads": 8, "head_dim": 128, "M": 1, "N": 6144, "K": 4096, "eps": None}
+
+
+def compile_for_hopper(fn, types: list[str], constexprs: dict, num_warps: int = 4, num_stages: int = 3):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = [name for name in fn.arg_names if name not in constexprs]
+    assert len(names) == len(types), names
+    signature = dict(zip(names, types, strict=True))
+    attrs = {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            continue
+        kind = signature[name]
+        sample = SAMPLE_INTS.get(name, 16 if name.startswith("stride") else 1)
+        if kind.startswith("*") or (kind.startswith("i") and sample is not None and sample % 16 == 0):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                       attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+GROUPED_TYPES = {
+    "gate_up": lambda w: ["*bf16", f"*{w}", f"*{w}", "*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*i32",
+                          "i32", "i32", "i32", "i32", "i32", "i64", "i32", "i32", "i32"],
+    "down": lambda w: ["*bf16", f"*{w}", "*bf16", "*fp32", "*i32", "*bf16", "*i32", "*i32", "*i32", "i32", "i32",
+                       "i32", "i32", "i32", "i64", "i32", "i32", "i32"],
+}
+
+
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("weights", ["i8", "bf16"])
+@pytest.mark.parametrize("kernel", ["gate_up", "down"])
+def test_grouped_expert_kernels_compile_to_pipelined_tensor_core_code(kernel: str, weights: str,
+                                                                      swap_ab: bool) -> None:
+    config = moe.MoEConfig()
+    fn = moe._grouped_gate_up_kernel if kernel == "gate_up" else moe._grouped_down_kernel
+    compiled = compile_for_hopper(
+        fn, GROUPED_TYPES[kernel](weights),
+        dict(HAS_SCALES=weights == "i8", PRECISION="tf32", MAGIC=config.int8_magic, EVEN_K=True,
+             BLOCK_M=config.grouped_block_m, BLOCK_K=config.grouped_block_k, SWAP_AB=swap_ab,
+             BLOCK_N=config.grouped_block_n if kernel == "gate_up" else config.grouped_down_block_n),
+        num_warps=config.grouped_warps, num_stages=config.grouped_stages)
+    ptx = compiled.asm["ptx"]
+    assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY
+    assert "wgmma.mma_async" in ptx, "the tiles must run on Hopper's tensor cores"
+    assert "cp.async" in ptx, "the tile loads must be asynchronous (software pipelined)"
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_matrix_vector_expert_kernels_compile(persistent: bool) -> None:
+    config = moe.MoEConfig()
+    common = dict(HAS_SCALES=True, MAGIC=True, PERSISTENT=persistent)
+    gate_up = compile_for_hopper(
+        moe._gate_up_gemv_kernel, ["*bf16", "*i8", "*i8", "*bf16", "*bf16", "*bf16", "*i32", "i32", "i32", "i32",
+                                   "i32", "i32", "i64", "i32", "i32", "i32"],
+        dict(BLOCK_I=config.gemv_block_i, BLOCK_D=config.gemv_block_d, **common), num_warps=config.gemv_warps)
+    down = compile_for_hopper(
+        moe._down_gemv_kernel, ["*bf16", "*i8", "*bf16", "*fp32", "*i32", "*bf16", "i32", "i32", "i32", "i32",
+                                "i64", "i32", "i32", "i32", "i32"],
+        dict(SPLIT=config.gemv_split, BLOCK_O=config.gemv_down_block_o, BLOCK_I=config.gemv_down_block_i, **common),
+        num_warps=config.gemv_warps)
+    for compiled in (gate_up, down):
+        # 16-byte weight loads: anything narrower would leave the matrix-vector product short of bandwidth
+        assert "ld.global.v4.b32" in compiled.asm["ptx"] or "ld.global.nc.v4.b32" in compiled.asm["ptx"]
+
+
+def test_decode_kernels_compile() -> None:
+    compile_for_hopper(router._residual_norm_route_kernel,
+                       ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i64", "i32", "i32", "fp32",
+                        "i32", "i32", "i32", "i32", "i32"], dict(TOP_K=2, BLOCK_K=2, BLOCK_D=1024, BLOCK_E=8))
+    compile_for_hopper(attention._rope_cache_kernel,
+                       ["*bf16", "*fp32", "*fp32", "*i64", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "i32",
+                        "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32"], dict(BLOCK_HALF=64),
+                       num_warps=1)
+    compile_for_hopper(linear._int8_linear_kernel,
+                       ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
+                       dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024))
