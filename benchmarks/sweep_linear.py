@@ -32,6 +32,11 @@ CONFIGS = {
     "w2_k256": LinearConfig(gemv_warps=2, gemv_block_k=256),
     "t64": LinearConfig(tile_block_n=64, tile_block_k=128),
     "t16": LinearConfig(tile_block_n=16, tile_block_k=512),
+    # persistent grids for one token (session 3, unmeasured): a multiple of the 132 SMs
+    "n4_p528": LinearConfig(gemv_programs=528),
+    "n4_p1056": LinearConfig(gemv_programs=1056),
+    "n2_p1056": LinearConfig(gemv_block_n=2, gemv_programs=1056),
+    "n8_p528_k512": LinearConfig(gemv_block_n=8, gemv_block_k=512, gemv_programs=528),
 }
 
 

@@ -53,12 +53,15 @@ def check_moe(name: str, config: moe.MoEConfig, shapes: list[tuple[int, ...]]) -
 
 
 def check_int8_linear() -> None:
-    for rows, n, k in [(1, 40, 100), (3, 96, 200)]:  # the matrix-vector kernel and the 16-row tile
+    persistent = linear.LinearConfig(gemv_programs=3)
+    for rows, n, k, config in [(1, 40, 100, linear.DEFAULT_CONFIG), (1, 40, 100, persistent),
+                               (3, 96, 200, linear.DEFAULT_CONFIG)]:  # matrix-vector (one token), 16-row tile
         generator = torch.Generator().manual_seed(n + k)
         weight, scales = quantize_per_channel(torch.randn(n, k, generator=generator))
         x = torch.randn(rows, k, generator=generator)
-        error = relative_error(linear.int8_linear(x, weight, scales), linear.reference_int8_linear(x, weight, scales))
-        print(f"int8 linear ({rows}, {n}, {k}): {error:.1e}")
+        error = relative_error(linear.int8_linear(x, weight, scales, config),
+                               linear.reference_int8_linear(x, weight, scales))
+        print(f"int8 linear ({rows}, {n}, {k}, programs {config.gemv_programs}): {error:.1e}")
         assert error < TOLERANCE
 
 

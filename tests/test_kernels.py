@@ -124,16 +124,16 @@ def test_int8_conversion_trick_equals_plain_conversion(shape, path):
 LINEAR_SHAPES = [(1, 40, 100), (1, 6144, 4096), (3, 96, 200), (16, 130, 64), (9, 4096, 512)]
 
 
-@pytest.mark.parametrize("magic", [True, False])
+@pytest.mark.parametrize("magic,programs", [(True, 0), (False, 0), (True, 5)])  # 5: a persistent grid
 @pytest.mark.parametrize("rows,n,k", LINEAR_SHAPES)
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_int8_linear_matches_reference(rows, n, k, dtype, bound, magic):
+def test_int8_linear_matches_reference(rows, n, k, dtype, bound, magic, programs):
     generator = torch.Generator(device="cuda").manual_seed(rows + n + k)
     x = torch.randn(rows, k, device="cuda", generator=generator).to(dtype)
     weight, scales = quantize_per_channel(torch.randn(n, k, device="cuda", generator=generator))
     if n * k >= 255:  # every int8 value
         weight = torch.arange(n * k, device="cuda").remainder(255).sub(127).to(torch.int8).view(n, k)
-    got = int8_linear(x, weight, scales, LinearConfig(int8_magic=magic))
+    got = int8_linear(x, weight, scales, LinearConfig(int8_magic=magic, gemv_programs=programs))
     assert got.dtype == dtype and got.shape == (rows, n)
     assert relative_error(got, reference_int8_linear(x, weight, scales)) < bound
 

@@ -116,6 +116,12 @@ def test_decode_kernels_compile() -> None:
                        ["*bf16", "*fp32", "*fp32", "*i64", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "i32",
                         "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32"], dict(BLOCK_HALF=64),
                        num_warps=1)
+    for persistent in (False, True):
+        compiled = compile_for_hopper(linear._int8_linear_kernel,
+                                      ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
+                                      dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024,
+                                           PERSISTENT=persistent))
+        assert "ld.global.v4.b32" in compiled.asm["ptx"] or "ld.global.nc.v4.b32" in compiled.asm["ptx"]
     compile_for_hopper(linear._int8_linear_kernel,
                        ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
-                       dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024))
+                       dict(MAGIC=True, IEEE=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PERSISTENT=False))

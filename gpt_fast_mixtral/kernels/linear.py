@@ -34,24 +34,42 @@ def reference_int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 if triton is not None:
 
     @triton.jit
-    def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                            MAGIC: tl.constexpr, IEEE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[rows of n_block] for one token: CUDA-core FMAs on int8 weights dequantised in registers."""
+        offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            w = dequant(tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0),
+                        tl.float32, MAGIC)
+            acc += tl.sum(w * x[None, :], axis=1)
         scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_n, (acc * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                            MAGIC: tl.constexpr, IEEE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            PERSISTENT: tl.constexpr = False):
+        """One token (BLOCK_M 1): a program per BLOCK_N rows, or with PERSISTENT a 1-D grid of fewer programs
+        looping over the row blocks. 2..16 tokens: one 16-row tensor-core tile per (rows, tokens) block."""
         if BLOCK_M == 1:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                w = dequant(tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0),
-                            tl.float32, MAGIC)
-                acc += tl.sum(w * x[None, :], axis=1)
-            tl.store(y_ptr + offs_n, (acc * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
+            if PERSISTENT:
+                for n_block in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+                    _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC, BLOCK_N, BLOCK_K)
+            else:
+                _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), N, K, stride_wn, MAGIC, BLOCK_N,
+                                 BLOCK_K)
         else:
+            offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+            scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
             acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -85,6 +103,9 @@ class LinearConfig:
     tile_warps: int = 4
     tile_stages: int = 3
     int8_magic: bool = True
+    # > 0: one token runs this many programs, each looping over row blocks (a persistent grid, e.g. a
+    # multiple of the SM count); 0: one program per row block. Unmeasured (benchmarks/sweep_linear.py).
+    gemv_programs: int = 0
     # Up to this many tokens the kernel runs (weights read once); more is prefill, which dequantises
     # the weight and calls cuBLAS.
     max_tokens: int = 16
@@ -102,12 +123,17 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig 
     rows, (n, k) = x2.shape[0], weight.shape
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     c = config
+    persistent = False
     if rows == 1:
         block_m, block_n, block_k, warps, stages = 1, c.gemv_block_n, c.gemv_block_k, c.gemv_warps, 1
+        persistent = c.gemv_programs > 0
     else:
         block_m, block_n, block_k, warps, stages = 16, c.tile_block_n, c.tile_block_k, c.tile_warps, c.tile_stages
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_m))
+    if persistent:
+        grid = (min(grid[0], c.gemv_programs), 1)
     _int8_linear_kernel[grid](x2, weight, scales, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
                               MAGIC=c.int8_magic, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                              BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=persistent, num_warps=warps,
+                              num_stages=stages)
     return y.view(*shape[:-1], n)
