@@ -2,7 +2,7 @@
 # Measure the opt-in fast paths against the defaults on one GPU, in parts that each fit one device call:
 #
 #     bash benchmarks/check_fast_paths.sh OUTDIR tests     # GPU tests of every kernel path (~2 min)
-#     bash benchmarks/check_fast_paths.sh OUTDIR sweeps    # expert kernels alone: decode gemv grids, prefill tiles
+#     bash benchmarks/check_fast_paths.sh OUTDIR sweeps    # kernels alone: expert gemv grids, prefill tiles, int8 linear
 #     bash benchmarks/check_fast_paths.sh OUTDIR decode    # benchmark: default vs --fused-router --fused-rope-cache
 #     bash benchmarks/check_fast_paths.sh OUTDIR prefill   # benchmark: time to first token, grouped GEMM prefill
 #
@@ -41,7 +41,9 @@ sweeps)
         >"$OUT/sweep_decode.log" 2>&1; echo "decode sweep rc=$?"
     timeout -k 10 300 python3 benchmarks/sweep_moe.py --tokens 2048 --configs grouped pf_t128_i128 \
         >"$OUT/sweep_prefill.log" 2>&1; echo "prefill sweep rc=$?"
-    grep -E "^(int8|bf16) " "$OUT/sweep_decode.log" "$OUT/sweep_prefill.log" ;;
+    timeout -k 10 120 python3 benchmarks/sweep_linear.py --tokens 1 >"$OUT/sweep_linear.log" 2>&1
+    echo "linear sweep rc=$?"
+    grep -E "^(int8|bf16) " "$OUT/sweep_decode.log" "$OUT/sweep_prefill.log"; tail -20 "$OUT/sweep_linear.log" ;;
 decode)
     bench int8_default --precision int8 --runs 3 --ttft-lengths 128
     bench int8_fused_small_kernels --precision int8 --runs 3 --ttft-lengths 128 --fused-router --fused-rope-cache
