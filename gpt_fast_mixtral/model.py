@@ -36,6 +36,14 @@ class KVCache(nn.Module):
         return self.k_cache[:batch], self.v_cache[:batch]
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dimension, normalised in float32 whatever the activation dtype (as the
+    reference implementation does), rounded to x's dtype, then scaled by weight."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -43,10 +51,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 whatever the activation dtype, as the reference implementation does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(args: ModelArgs, max_seq_len: int, device: torch.device | None = None) -> Tensor:
@@ -227,6 +232,14 @@ def top_k(probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return torch.stack(values, dim=-1), torch.stack(indices, dim=-1)
 
 
+def route(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Router logits [N, E] to routing weights [N, k] (logits' dtype) and expert ids: softmax in float32,
+    top-k, renormalise."""
+    weights, indices = top_k(F.softmax(logits.float(), dim=-1), k)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), indices
+
+
 class MOEFeedForward(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -235,11 +248,7 @@ class MOEFeedForward(nn.Module):
         self.cond_ffn = ConditionalFeedForward(args)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Softmax in float32, top-k, renormalise: routing weights [N, k] (x's dtype) and expert ids."""
-        probs = F.softmax(self.gate(x).float(), dim=-1)
-        weights, indices = top_k(probs, self.top_k)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), indices
+        return route(self.gate(x), self.top_k)
 
     def forward(self, x: Tensor, routing: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """The experts' sum for x [..., D]; `routing` (weights, ids [N, k]) when already computed."""

@@ -32,15 +32,13 @@ def available(x: Tensor) -> bool:
 
 def reference_residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
                                   top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """h, normed, routing weights [N, k] and expert ids [N, k] for x, delta [N, D]."""
-    from gpt_fast_mixtral.model import top_k as top_k_of
+    """h, normed, routing weights [N, k] and expert ids [N, k] for x, delta [N, D]: the model's own
+    functions, as TransformerBlock runs them without the kernel."""
+    from gpt_fast_mixtral.model import rms_norm, route
 
     h = x + delta
-    h32 = h.float()
-    normed = norm_weight * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
-    probs = F.softmax(F.linear(normed, gate_weight).float(), dim=-1)
-    weights, ids = top_k_of(probs, top_k)
-    return h, normed, (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype), ids
+    normed = rms_norm(h, norm_weight, eps)
+    return (h, normed, *route(F.linear(normed, gate_weight), top_k))
 
 
 if triton is not None:
