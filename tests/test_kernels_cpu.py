@@ -71,16 +71,17 @@ GROUPED_TYPES = {
 }
 
 
+@pytest.mark.parametrize("even_k", [True, False])  # False: the K dimension needs masks too
 @pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("weights", ["i8", "bf16"])
 @pytest.mark.parametrize("kernel", ["gate_up", "down"])
 def test_grouped_expert_kernels_compile_to_pipelined_tensor_core_code(kernel: str, weights: str,
-                                                                      swap_ab: bool) -> None:
+                                                                      swap_ab: bool, even_k: bool) -> None:
     config = moe.MoEConfig()
     fn = moe._grouped_gate_up_kernel if kernel == "gate_up" else moe._grouped_down_kernel
     compiled = compile_for_hopper(
         fn, GROUPED_TYPES[kernel](weights),
-        dict(HAS_SCALES=weights == "i8", PRECISION="tf32", MAGIC=config.int8_magic, EVEN_K=True,
+        dict(HAS_SCALES=weights == "i8", PRECISION="tf32", MAGIC=config.int8_magic, EVEN_K=even_k,
              BLOCK_M=config.grouped_block_m, BLOCK_K=config.grouped_block_k, SWAP_AB=swap_ab,
              BLOCK_N=config.grouped_block_n if kernel == "gate_up" else config.grouped_down_block_n),
         num_warps=config.grouped_warps, num_stages=config.grouped_stages)

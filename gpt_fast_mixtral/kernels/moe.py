@@ -232,6 +232,32 @@ if triton is not None:
                             HAS_SCALES, MAGIC, SPLIT, BLOCK_O, BLOCK_I)
 
     @triton.jit
+    def _tile_operands(act_ptr, act_rows, stride_act, w_rows, offs_k, SWAP_AB: tl.constexpr):
+        """Pointers to the first K block of a grouped tile's activations and weights: plain, activations
+        [M, K] and weights [K, N]; SWAP_AB, weights [N, K] and activations [K, M]. act_rows are int64 rows of
+        act_ptr, w_rows the weights' row offsets (int64)."""
+        # One return: a jit function's returns must agree in type, and the two layouts differ in shape.
+        if SWAP_AB:
+            act, w = act_ptr + act_rows[None, :] * stride_act + offs_k[:, None], w_rows[:, None] + offs_k[None, :]
+        else:
+            act, w = act_ptr + act_rows[:, None] * stride_act + offs_k[None, :], w_rows[None, :] + offs_k[:, None]
+        return act, w
+
+    @triton.jit
+    def _tile_masks(mask_m, mask_n, mask_k, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr):
+        """Load masks of one K block for _tile_operands' activations and weights (no K mask with EVEN_K)."""
+        if SWAP_AB:
+            if EVEN_K:
+                act, w = mask_m[None, :], mask_n[:, None]
+            else:
+                act, w = mask_k[:, None] & mask_m[None, :], mask_n[:, None] & mask_k[None, :]
+        elif EVEN_K:
+            act, w = mask_m[:, None], mask_n[None, :]
+        else:
+            act, w = mask_m[:, None] & mask_k[None, :], mask_k[:, None] & mask_n[None, :]
+        return act, w
+
+    @triton.jit
     def _gate_up_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, expert, rows, mask_m, token, offs_n, mask_n,
                       dim, stride_x, stride_we, stride_wi, stride_se, stride_h,
                       HAS_SCALES: tl.constexpr, PRECISION: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr,
@@ -242,23 +268,11 @@ if triton is not None:
         operand, which the tensor cores can take from registers (the second goes through shared memory)."""
         offs_k = tl.arange(0, BLOCK_K)
         w_rows = expert.to(tl.int64) * stride_we + offs_n.to(tl.int64) * stride_wi
-        if SWAP_AB:
-            x_ptrs = x_ptr + token[None, :] * stride_x + offs_k[:, None]  # [K, M]
-            w_offsets = w_rows[:, None] + offs_k[None, :]  # [N, K]
-            gate = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            x_ptrs = x_ptr + token[:, None] * stride_x + offs_k[None, :]  # [M, K]
-            w_offsets = w_rows[None, :] + offs_k[:, None]  # [K, N]
-            gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_ptrs, w_offsets = _tile_operands(x_ptr, token, stride_x, w_rows, offs_k, SWAP_AB)
+        gate = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros_like(gate)
         for k0 in range(0, dim, BLOCK_K):
-            mask_k = (k0 + offs_k) < dim
-            if SWAP_AB:
-                x_mask = mask_m[None, :] if EVEN_K else mask_k[:, None] & mask_m[None, :]
-                w_mask = mask_n[:, None] if EVEN_K else mask_n[:, None] & mask_k[None, :]
-            else:
-                x_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
-                w_mask = mask_n[None, :] if EVEN_K else mask_k[:, None] & mask_n[None, :]
+            x_mask, w_mask = _tile_masks(mask_m, mask_n, (k0 + offs_k) < dim, EVEN_K, SWAP_AB)
             x = tl.load(x_ptrs, mask=x_mask, other=0.0)
             w1 = dequant(tl.load(w1_ptr + w_offsets, mask=w_mask, other=0), x.dtype, MAGIC)
             w3 = dequant(tl.load(w3_ptr + w_offsets, mask=w_mask, other=0), x.dtype, MAGIC)
@@ -293,22 +307,10 @@ if triton is not None:
         """y[slot of row] = routing[slot] * (h[rows] @ w2.T)[:, offs_n] for one expert (layouts as _gate_up_tile)."""
         offs_k = tl.arange(0, BLOCK_K)
         w_rows = expert.to(tl.int64) * stride_we + offs_n.to(tl.int64) * stride_wd
-        if SWAP_AB:
-            h_ptrs = h_ptr + rows[None, :].to(tl.int64) * stride_h + offs_k[:, None]
-            w_offsets = w_rows[:, None] + offs_k[None, :]
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_h + offs_k[None, :]
-            w_offsets = w_rows[None, :] + offs_k[:, None]
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        h_ptrs, w_offsets = _tile_operands(h_ptr, rows.to(tl.int64), stride_h, w_rows, offs_k, SWAP_AB)
+        acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, inter, BLOCK_K):
-            mask_k = (k0 + offs_k) < inter
-            if SWAP_AB:
-                h_mask = mask_m[None, :] if EVEN_K else mask_k[:, None] & mask_m[None, :]
-                w_mask = mask_n[:, None] if EVEN_K else mask_n[:, None] & mask_k[None, :]
-            else:
-                h_mask = mask_m[:, None] if EVEN_K else mask_m[:, None] & mask_k[None, :]
-                w_mask = mask_n[None, :] if EVEN_K else mask_k[:, None] & mask_n[None, :]
+            h_mask, w_mask = _tile_masks(mask_m, mask_n, (k0 + offs_k) < inter, EVEN_K, SWAP_AB)
             h = tl.load(h_ptrs, mask=h_mask, other=0.0)
             w = dequant(tl.load(w2_ptr + w_offsets, mask=w_mask, other=0), h.dtype, MAGIC)
             if SWAP_AB:
