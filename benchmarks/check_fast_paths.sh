@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/check_fast_paths.sh OUTDIR tests     # GPU tests of every kernel path (~2 min)
 #     bash benchmarks/check_fast_paths.sh OUTDIR sweeps    # kernels alone: expert gemv grids, prefill tiles, int8 linear
-#     bash benchmarks/check_fast_paths.sh OUTDIR decode    # benchmark: default vs --fused-router --fused-rope-cache
+#     bash benchmarks/check_fast_paths.sh OUTDIR decode    # benchmark: default vs --no-fused-router, --fused-rope-cache
 #     bash benchmarks/check_fast_paths.sh OUTDIR prefill   # benchmark: time to first token, grouped GEMM prefill
 #
 # Prints a table last; logs and JSON go to OUTDIR. Each part runs its commands under a time limit.
@@ -46,12 +46,13 @@ sweeps)
     grep -E "^(int8|bf16) " "$OUT/sweep_decode.log" "$OUT/sweep_prefill.log"; tail -20 "$OUT/sweep_linear.log" ;;
 decode)
     bench int8_default --precision int8 --runs 3 --ttft-lengths 128
-    bench int8_fused_small_kernels --precision int8 --runs 3 --ttft-lengths 128 --fused-router --fused-rope-cache
+    bench int8_unfused_router --precision int8 --runs 3 --ttft-lengths 128 --no-fused-router
+    bench int8_fused_rope_cache --precision int8 --runs 3 --ttft-lengths 128 --fused-rope-cache
     table ;;
 prefill)
     bench int8_prefill_default --precision int8 --runs 1 --new-tokens 20 --ttft-lengths 512 2048 8192
-    bench int8_prefill_grouped --precision int8 --runs 1 --new-tokens 20 --ttft-lengths 512 2048 8192 \
-        --fused-max-tokens 1000000 --grouped-min-slots 256
+    bench int8_prefill_tiles --precision int8 --runs 1 --new-tokens 20 --ttft-lengths 512 2048 8192 \
+        --grouped-min-slots 1000000000
     table ;;
 *)
     echo "unknown part $PART: tests, sweeps, decode or prefill" >&2; exit 2 ;;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,34 +44,34 @@ CONFIGS = {
     "gemv_s1": MoEConfig(gemv_max_slots=1 << 30, gemv_split=1),
 }
 # Prefill (more than 16 slots per expert uses prefill_block_t): GEMM-sized tiles, no split of the down
-# reduction (its float32 partials cost as much as the weights at thousands of tokens). Not yet measured.
+# reduction (its float32 partials cost as much as the weights at thousands of tokens).
+TILES = MoEConfig(gemv_max_slots=0, grouped_min_slots=1 << 62)  # the tile kernels, never the grouped ones
+GROUPED = MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_down_block_n=128)  # session 3's tiles
 PREFILL_CONFIGS = {
-    "tiled": MoEConfig(gemv_max_slots=0),
-    "pf_t64_i64_s1": MoEConfig(gemv_max_slots=0, prefill_block_t=64, gate_up_block_i=64, gate_up_block_d=64,
-                               down_block_o=64, down_block_i=64, split=1),
-    "pf_t128_i64_w8": MoEConfig(gemv_max_slots=0, prefill_block_t=128, gate_up_block_i=64, gate_up_block_d=64,
-                                down_block_o=64, down_block_i=64, gate_up_warps=8, down_warps=8, split=1),
-    "pf_t128_i128_w8": MoEConfig(gemv_max_slots=0, prefill_block_t=128, gate_up_block_i=128, gate_up_block_d=64,
-                                 down_block_o=128, down_block_i=64, gate_up_warps=8, down_warps=8, split=1),
-    "pf_t64_i128_w8_s4": MoEConfig(gemv_max_slots=0, prefill_block_t=64, gate_up_block_i=128, gate_up_block_d=64,
-                                   down_block_o=128, down_block_i=64, gate_up_warps=8, down_warps=8,
-                                   gate_up_stages=4, down_stages=4, split=1),
-    # The grouped GEMM kernels (token tiles in the grid, K-major weight tiles), session 3, unmeasured.
-    "grouped_128x128x64": MoEConfig(gemv_max_slots=0, grouped_min_slots=0),
-    "grouped_128x128x64_s4": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_stages=4),
-    "grouped_128x64x64": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_n=64),
-    "grouped_64x128x64": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_m=64, grouped_warps=4),
-    "grouped_128x256x64_down": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_down_block_n=256),
-    "grouped_128x128x128": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_k=128,
-                                     grouped_stages=2),
+    "tiled": TILES,
+    "pf_t64_i64_s1": replace(TILES, prefill_block_t=64, gate_up_block_i=64, gate_up_block_d=64, down_block_o=64,
+                             down_block_i=64, split=1),
+    "pf_t128_i64_w8": replace(TILES, prefill_block_t=128, gate_up_block_i=64, gate_up_block_d=64, down_block_o=64,
+                              down_block_i=64, gate_up_warps=8, down_warps=8, split=1),
+    "pf_t128_i128_w8": replace(TILES, prefill_block_t=128, gate_up_block_i=128, gate_up_block_d=64,
+                               down_block_o=128, down_block_i=64, gate_up_warps=8, down_warps=8, split=1),
+    "pf_t64_i128_w8_s4": replace(TILES, prefill_block_t=64, gate_up_block_i=128, gate_up_block_d=64,
+                                 down_block_o=128, down_block_i=64, gate_up_warps=8, down_warps=8,
+                                 gate_up_stages=4, down_stages=4, split=1),
+    # The grouped GEMM kernels (token tiles in the grid, K-major weight tiles); kernels.moe's default since
+    # session 4 is grouped_128x256x64_down.
+    "grouped_128x128x64": GROUPED,
+    "grouped_128x128x64_s4": replace(GROUPED, grouped_stages=4),
+    "grouped_128x64x64": replace(GROUPED, grouped_block_n=64),
+    "grouped_64x128x64": replace(GROUPED, grouped_block_m=64, grouped_warps=4),
+    "grouped_128x256x64_down": replace(GROUPED, grouped_down_block_n=256),
+    "grouped_128x128x128": replace(GROUPED, grouped_block_k=128, grouped_stages=2),
     # weights as the dot's first operand (from registers), tokens second
-    "grouped_swap_64x128x64": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True,
-                                        grouped_block_m=64),
-    "grouped_swap_128x128x64": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True),
-    "grouped_swap_64x256x64_w8": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True,
-                                           grouped_block_m=64, grouped_block_n=256, grouped_down_block_n=256),
-    "grouped_swap_128x128x64_s4": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True,
-                                            grouped_stages=4),
+    "grouped_swap_64x128x64": replace(GROUPED, grouped_swap_ab=True, grouped_block_m=64),
+    "grouped_swap_128x128x64": replace(GROUPED, grouped_swap_ab=True),
+    "grouped_swap_64x256x64_w8": replace(GROUPED, grouped_swap_ab=True, grouped_block_m=64, grouped_block_n=256,
+                                         grouped_down_block_n=256),
+    "grouped_swap_128x128x64_s4": replace(GROUPED, grouped_swap_ab=True, grouped_stages=4),
 }
 
 

@@ -44,6 +44,32 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * x32.to(x.dtype)
 
 
+class FusedOnGpu:
+    """`fn` as one compiled kernel (dynamic shapes, compiled once) when called eagerly on a GPU; else `fn`.
+
+    Prefill runs eagerly, where the float32 chains of rms_norm and apply_rope are 7-10 kernels over the
+    whole [T, D] activations each (~40 ms of eager elementwise work in a 2048-token int8 prefill on an
+    H200); inside the compiled decode step the step's own compile fuses them, so `fn` is traced there.
+    `enabled` (class-wide) switches it off for comparisons (scripts/benchmark.py --eager-prefill-ops).
+    """
+
+    enabled = True
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.compiled = None  # made at the first GPU call: CPU-only users never import the compiler
+
+    def __call__(self, x: Tensor, *args):
+        if self.enabled and x.is_cuda and not torch.compiler.is_compiling():
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn, dynamic=True)
+            return self.compiled(x, *args)
+        return self.fn(x, *args)
+
+
+fused_rms_norm = FusedOnGpu(rms_norm)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -51,7 +77,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return fused_rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(args: ModelArgs, max_seq_len: int, device: torch.device | None = None) -> Tensor:
@@ -69,11 +95,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.to(x.dtype)
 
 
+fused_apply_rope = FusedOnGpu(apply_rope)
+
+
 class Attention(nn.Module):
     # One-token steps on a GPU use kernels/attention.py (False: SDPA with a mask, as prefill does).
     decode_kernel = True
-    # ... and, with decode_kernel, rotate q and k and write the KV cache in one kernel. Off until measured
-    # on a GPU (scripts/benchmark.py --fused-rope-cache).
+    # ... and, with decode_kernel, rotate q and k and write the KV cache in one kernel. Off: no gain
+    # measured on an H200 (185.8 vs 185.3 tok/s int8, scripts/benchmark.py --fused-rope-cache).
     fused_rope_cache = False
 
     def __init__(self, args: ModelArgs) -> None:
@@ -98,8 +127,8 @@ class Attention(nn.Module):
                                                      input_pos[:, 0] + 1, self.sliding_window)
             return self.wo(out.view(batch, 1, q_size))
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(batch, seq_len, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(batch, seq_len, self.n_kv_heads, self.head_dim), cos, sin)
+        q = fused_apply_rope(q.view(batch, seq_len, self.n_heads, self.head_dim), cos, sin)
+        k = fused_apply_rope(k.view(batch, seq_len, self.n_kv_heads, self.head_dim), cos, sin)
         v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
 
@@ -109,11 +138,17 @@ class Attention(nn.Module):
             out = attention_kernels.decode_attention(q[:, :, 0], keys, values, input_pos[:, 0] + 1,
                                                      self.sliding_window)
             return self.wo(out.view(batch, 1, q_size))
+        gqa = self.n_heads != self.n_kv_heads
+        if kv_len == seq_len and (self.sliding_window is None or seq_len <= self.sliding_window):
+            # A prompt's first chunk (positions 0..T-1 in every row, the contract of kv_len == T): plain
+            # causal attention, which SDPA runs as flash attention; a mask would rule that kernel out.
+            out = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], is_causal=True,
+                                                 enable_gqa=gqa)
+            return self.wo(out.transpose(1, 2).reshape(batch, seq_len, q_size))
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
         mask = self._mask(input_pos, keys.shape[2])
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, q_size))
 
     def _mask(self, input_pos: Tensor, kv_len: int) -> Tensor:
@@ -136,8 +171,10 @@ class ConditionalFeedForward(nn.Module):
     """
 
     dense_max_tokens = 64
-    # Up to this many tokens the fused kernels beat grouping tokens per expert in PyTorch, prefill
-    # included (bf16 on an H200: 512 tokens 85 ms vs 130 ms to first token; 2048: 339 vs 130).
+    # Up to this many tokens the fused kernels serve bf16 (grouped GEMMs from kernels.moe's
+    # grouped_min_slots on); longer prompts group tokens per expert in PyTorch (cuBLAS): on an H200 bf16
+    # 2048 tokens 119 ms to first token that way. The grouped kernels alone take 3.26 ms per layer at 2048
+    # tokens; whether they beat cuBLAS end to end in bf16 is not yet measured.
     fused_max_tokens = 512
 
     def __init__(self, args: ModelArgs) -> None:
@@ -260,8 +297,9 @@ class MOEFeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     # On a GPU: the residual add, ffn_norm and the routing in one kernel (kernels/router.py) instead of
-    # four small ones. Off until measured on a GPU (scripts/benchmark.py --fused-router).
-    fused_router = False
+    # four small ones. H200, int8 Mixtral-8x7B batch 1: 205.8 tok/s, 201.4 without
+    # (scripts/benchmark.py --no-fused-router).
+    fused_router = True
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -323,7 +361,9 @@ class Transformer(nn.Module):
         """Logits for tokens [B, T] at positions input_pos [B, T].
 
         kv_len limits attention to the first kv_len cache slots (all slots when None, which a
-        CUDA-graph decode step needs); logits_index [B] keeps only one position per row.
+        CUDA-graph decode step needs); kv_len == T declares the first chunk of the prompts (positions
+        0..T-1 in every row), which attends with plain causal attention. logits_index [B] keeps only
+        one position per row.
         """
         rope = self.rope[input_pos]
         cos, sin = rope[..., 0].unsqueeze(2), rope[..., 1].unsqueeze(2)

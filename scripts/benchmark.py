@@ -41,7 +41,7 @@ from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
 from gpt_fast_mixtral.kernels import moe as moe_kernels  # noqa: E402
-from gpt_fast_mixtral.model import Attention, TransformerBlock  # noqa: E402
+from gpt_fast_mixtral.model import Attention, FusedOnGpu, TransformerBlock  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
 from gpt_fast_mixtral.tp import (  # noqa: E402
     ALL_REDUCES,
@@ -106,6 +106,7 @@ def random_model(args: ModelArgs, precision: str, device: str | torch.device,
         model = quantize_int8(model)
     if shard is not None:
         model = shard(model)  # on meta: only the shapes change
+    check_fits(model, device, precision)
     model = model.to_empty(device=device)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -120,6 +121,21 @@ def random_model(args: ModelArgs, precision: str, device: str | torch.device,
             else:
                 tensor.normal_(0, 0.02, generator=generator)
     return model.to(torch.bfloat16).eval().requires_grad_(False)
+
+
+def check_fits(model: torch.nn.Module, device: str | torch.device, precision: str) -> None:
+    """Exit with what to do when the weights alone exceed the GPU's free memory (bf16 Mixtral-8x7B, 93 GB,
+    on an 80 GB H100)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    free = torch.cuda.mem_get_info(device)[0]
+    if need > free:
+        raise SystemExit(
+            f"error: the {precision} weights need {need / 1e9:.1f} GB per GPU but {device} has {free / 1e9:.1f} GB "
+            f"free: use --precision int8, or split the model over more GPUs (torchrun --nproc-per-node N "
+            f"scripts/benchmark.py --parallel tp)")
 
 
 def check_replicated(model: torch.nn.Module) -> None:
@@ -185,21 +201,27 @@ def time_generate(engine: Engine, prompt: list[list[int]], new_tokens: int) -> t
     return total, result.time_to_first_token_s
 
 
-def profile_decode(engine: Engine, prompt: list[list[int]], steps: int = 20, show: bool = True) -> None:
-    """Print the kernels of `steps` decode steps, most expensive first (CUPTI sees into CUDA graphs)."""
+def profile_kernels(engine: Engine, prompt: list[list[int]], new_tokens: int, label: str, show: bool = True,
+                    per: int = 1) -> None:
+    """Print the kernels of generating `new_tokens` after `prompt`, most expensive first (CUPTI sees into
+    CUDA graphs), then the kernel count and GPU time per `per` (e.g. per decode step)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CUDA, ProfilerActivity.CPU] if cuda else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        time_generate(engine, prompt, steps)
+        time_generate(engine, prompt, new_tokens)
     if show:
         sort_by = "cuda_time_total" if cuda else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70))
-        if cuda:  # kernel launches and GPU time per decode step: what a fusion removes shows here
+        if cuda:  # kernel launches and GPU time: what a fusion removes shows here
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             gpu_us = sum(e.device_time for e in kernels)
-            print(f"per decode step: {len(kernels) / steps:.0f} kernels, {gpu_us / steps / 1000:.3f} ms of GPU time")
+            print(f"per {label}: {len(kernels) / per:.0f} kernels, {gpu_us / per / 1000:.3f} ms of GPU time")
+
+
+def experts_module(model: torch.nn.Module) -> torch.nn.Module:
+    return next(m for m in model.modules() if hasattr(m, "fused_max_tokens"))
 
 
 def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_size: int = 1) -> dict:
@@ -229,7 +251,9 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         engine = Engine(model, NullTokenizer(args.vocab_size), max_batch_size=options.batch_size,  # type: ignore[arg-type]
                         max_seq_len=options.max_seq_len, compile=compile_step)
     build_s = time.perf_counter() - build_start
-    TransformerBlock.fused_router = options.fused_router
+    FusedOnGpu.enabled = not options.eager_prefill_ops
+    if options.fused_router is not None:
+        TransformerBlock.fused_router = options.fused_router
     Attention.fused_rope_cache = options.fused_rope_cache
     if options.grouped_min_slots is not None:
         moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
@@ -253,7 +277,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
     decode_tok_s = statistics.median(decode_rates)
 
     if options.profile:
-        profile_decode(engine, prompt, show=rank == 0)  # every rank runs it: the steps are collective
+        # every rank runs it: the steps are collective
+        profile_kernels(engine, prompt, 20, "decode step", show=rank == 0, per=20)
 
     ttft_ms = {}
     for length in options.ttft_lengths:
@@ -263,6 +288,10 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         time_generate(engine, long_prompt, 1)
         samples = [time_generate(engine, long_prompt, 1)[1] for _ in range(3)]
         ttft_ms[str(length)] = round(1e3 * statistics.median(samples), 2)
+    if options.profile and ttft_ms:  # the longest prompt's prefill (and its one decode step)
+        length = max(int(n) for n in ttft_ms)
+        long_prompt = [[1] + [100 + (i % token_range) for i in range(length - 1)]]
+        profile_kernels(engine, long_prompt, 1, f"{length}-token prefill", show=rank == 0)
 
     rank_bytes = bytes_per_token(args, options.precision, options.batch_size, world_size)
     ceiling = None if bandwidth is None else bandwidth / rank_bytes  # the ranks read their shares at once
@@ -275,9 +304,10 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "command": command,
         "precision": options.precision,
         "moe_impl": options.moe_impl,
-        "fused_max_tokens": options.fused_max_tokens,  # None: the model's default
-        "grouped_min_slots": options.grouped_min_slots,  # None: kernels.moe.DEFAULT_CONFIG's
-        "fused_router": options.fused_router,
+        "fused_max_tokens": experts_module(engine.model).fused_max_tokens,
+        "grouped_min_slots": moe_kernels.DEFAULT_CONFIG.grouped_min_slots,
+        "fused_router": TransformerBlock.fused_router,
+        "compiled_prefill_ops": FusedOnGpu.enabled,
         "fused_rope_cache": options.fused_rope_cache,
         "compile": compile_step,
         "parallel": options.parallel or "none",
@@ -380,8 +410,12 @@ def parse_args() -> argparse.Namespace:
                              "einsum (the baseline)")
     parser.add_argument("--fused-max-tokens", type=int, default=None,
                         help="largest token count that uses the fused expert kernels (prefill experiments)")
-    parser.add_argument("--fused-router", action="store_true",
-                        help="residual add, ffn norm and routing in one kernel (model.TransformerBlock.fused_router)")
+    parser.add_argument("--fused-router", action=argparse.BooleanOptionalAction, default=None,
+                        help="residual add, ffn norm and routing in one kernel (default: "
+                             "model.TransformerBlock.fused_router, on)")
+    parser.add_argument("--eager-prefill-ops", action="store_true",
+                        help="prefill's rms_norm and rotary embedding as eager PyTorch ops instead of one "
+                             "compiled kernel each (model.FusedOnGpu)")
     parser.add_argument("--fused-rope-cache", action="store_true",
                         help="rotary embedding and KV-cache write of a decode step in one kernel "
                              "(model.Attention.fused_rope_cache)")

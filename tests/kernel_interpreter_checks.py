@@ -66,7 +66,9 @@ def check_int8_linear() -> None:
 
 
 def check_router() -> None:
-    for rows, dim, experts, top_k in [(1, 4096, 8, 2), (3, 96, 5, 3), (2, 1500, 16, 4), (0, 64, 4, 2)]:
+    # one pass over the row (the first three) and in chunks (8 x 9000 router weights)
+    for rows, dim, experts, top_k in [(1, 4096, 8, 2), (3, 96, 5, 3), (2, 1500, 16, 4), (2, 9000, 8, 2),
+                                      (0, 64, 4, 2)]:
         generator = torch.Generator().manual_seed(rows + dim)
         x, delta = torch.randn(rows, dim, generator=generator), torch.randn(rows, dim, generator=generator)
         norm_weight = torch.rand(dim, generator=generator) + 0.5

@@ -72,6 +72,20 @@ def test_bytes_per_token_counts_a_ranks_share_plus_the_replicated_head() -> None
             assert benchmark.bytes_per_token(args, precision, 1, world_size) == pytest.approx(expected)
 
 
+def test_weights_larger_than_the_free_gpu_memory_exit_with_what_to_do(monkeypatch) -> None:
+    from gpt_fast_mixtral.checkpoint import meta_model
+    from gpt_fast_mixtral.quantize import quantize_int8
+
+    model = meta_model(benchmark.MIXTRAL_8X7B).to(torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (79 * 10**9, 80 * 10**9))  # an H100
+    with pytest.raises(SystemExit, match=r"bf16 weights need 93\.4 GB per GPU .* 79\.0 GB free: use --precision int8"):
+        benchmark.check_fits(model, "cuda", "bf16")
+    benchmark.check_fits(quantize_int8(model), "cuda", "int8")  # ~47 GB: fits
+    half = apply_tensor_parallel(meta_model(benchmark.MIXTRAL_8X7B).to(torch.bfloat16), rank=0, world_size=2,
+                                 mode="tp")
+    benchmark.check_fits(half, "cuda", "bf16")  # two GPUs: ~47 GB each
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 @pytest.mark.parametrize("mode", ["tp", "ep"])
 def test_every_rank_draws_the_same_replicated_weights(precision: str, mode: str) -> None:

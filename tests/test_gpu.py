@@ -75,3 +75,23 @@ def test_int8_logits_close_to_bfloat16_on_gpu(checkpoint, tmp_path):
         expected, got = bf16(tokens, positions).float(), int8(tokens, positions).float()
     # Per-channel int8 weights add ~0.5% noise per projection; a bound of 5% catches a wrong scale.
     assert ((got - expected).norm() / expected.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_norm_and_rope_compiled_match_the_eager_functions(dtype):
+    from gpt_fast_mixtral.model import FusedOnGpu, apply_rope, fused_apply_rope, fused_rms_norm, rms_norm
+
+    assert FusedOnGpu.enabled
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for rows, dim, heads in ((7, 96, 3), (2048, 4096, 32), (1, 4096, 8)):  # dynamic shapes: one compile
+        x = torch.randn(1, rows, dim, device="cuda", generator=generator).to(dtype)
+        weight = torch.rand(dim, device="cuda", generator=generator).to(dtype) + 0.5
+        got, expected = fused_rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5)
+        # float32 sums in a different order, then the same roundings: at most one rounding step apart
+        assert got.dtype == dtype and torch.allclose(got.float(), expected.float(), rtol=1e-2 if dtype ==
+                                                     torch.bfloat16 else 1e-5, atol=1e-5)
+        q = x.view(1, rows, heads, dim // heads)
+        angles = torch.rand(1, rows, 1, dim // heads // 2, device="cuda", generator=generator) * 6
+        got, expected = fused_apply_rope(q, angles.cos(), angles.sin()), apply_rope(q, angles.cos(), angles.sin())
+        assert got.dtype == dtype and torch.allclose(got.float(), expected.float(), rtol=1e-2 if dtype ==
+                                                     torch.bfloat16 else 1e-5, atol=1e-5)

@@ -238,6 +238,7 @@ def test_model_with_the_fused_router_equals_the_plain_model(tmp_path):
     model.setup_caches(2, 32)
     tokens = torch.randint(3, model.args.vocab_size, (2, 11), device="cuda")
     logits = {}
+    default = TransformerBlock.fused_router
     with torch.inference_mode():
         for fused in (True, False):
             TransformerBlock.fused_router = fused
@@ -245,7 +246,7 @@ def test_model_with_the_fused_router_equals_the_plain_model(tmp_path):
                 prefill = model(tokens[:, :10], torch.arange(10, device="cuda").expand(2, 10))
                 logits[fused] = torch.cat([prefill, model(tokens[:, 10:11], torch.full((2, 1), 10, device="cuda"))], 1)
             finally:
-                TransformerBlock.fused_router = False
+                TransformerBlock.fused_router = default
     assert relative_error(logits[True], logits[False].float()) < 1e-5
 
 

@@ -110,9 +110,12 @@ def test_matrix_vector_expert_kernels_compile(persistent: bool) -> None:
 
 
 def test_decode_kernels_compile() -> None:
-    compile_for_hopper(router._residual_norm_route_kernel,
-                       ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i64", "i32", "i32", "fp32",
-                        "i32", "i32", "i32", "i32", "i32"], dict(TOP_K=2, BLOCK_K=2, BLOCK_D=1024, BLOCK_E=8))
+    for single_pass, block_d, warps in ((False, 1024, 4), (True, 4096, 16)):
+        compile_for_hopper(router._residual_norm_route_kernel,
+                           ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i64", "i32", "i32",
+                            "fp32", "i32", "i32", "i32", "i32", "i32"],
+                           dict(TOP_K=2, BLOCK_K=2, BLOCK_D=block_d, BLOCK_E=8, SINGLE_PASS=single_pass),
+                           num_warps=warps)
     compile_for_hopper(attention._rope_cache_kernel,
                        ["*bf16", "*fp32", "*fp32", "*i64", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "i32",
                         "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32"], dict(BLOCK_HALF=64),

@@ -104,7 +104,8 @@ class LinearConfig:
     tile_stages: int = 3
     int8_magic: bool = True
     # > 0: one token runs this many programs, each looping over row blocks (a persistent grid, e.g. a
-    # multiple of the SM count); 0: one program per row block. Unmeasured (benchmarks/sweep_linear.py).
+    # multiple of the SM count); 0: one program per row block. Slower on an H200 (output head 50-69 us vs
+    # 43, benchmarks/results/h200_sweep_decode_persistent_session4.log).
     gemv_programs: int = 0
     # Up to this many tokens the kernel runs (weights read once); more is prefill, which dequantises
     # the weight and calls cuBLAS.

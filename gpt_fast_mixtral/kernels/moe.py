@@ -402,18 +402,21 @@ class MoEConfig:
     gemv_split: int = 4
     gemv_warps: int = 4
     # > 0: the matrix-vector kernels run this many programs, each looping over tiles (a persistent grid,
-    # e.g. a multiple of the SM count); 0: one program per tile. Unmeasured (benchmarks/sweep_moe.py).
+    # e.g. a multiple of the SM count); 0: one program per tile. Slower on an H200 in every variant tried
+    # (int8 layer 133-235 us vs 118, benchmarks/results/h200_sweep_decode_persistent_session4.log).
     gemv_programs: int = 0
     # int8 weights to float without the conversion instruction (see `dequant`).
     int8_magic: bool = True
     # From this many (token, k) slots on, the grouped GEMM kernels (token tiles of one expert in the grid,
-    # no split of the down reduction) replace the tile kernels. Off by default until measured on a GPU
-    # (benchmarks/sweep_moe.py --tokens 512 2048); float32 inputs use half-size tiles.
-    grouped_min_slots: int = 1 << 62
+    # no split of the down reduction) replace the tile kernels; float32 inputs use half-size tiles.
+    # Measured on an H200 (benchmarks/sweep_moe.py --tokens 2048, Mixtral's experts): 4.52 ms per layer
+    # int8 and 3.26 bf16, where the tile kernels took 5.46 and 4.58; int8 time to first token for 512 /
+    # 2048 / 8192 tokens 85 / 190 / 792 ms instead of 106 / 266 / 1087 (scripts/benchmark.py).
+    grouped_min_slots: int = 256
     grouped_block_m: int = 128
     grouped_block_n: int = 128
     grouped_block_k: int = 64
-    grouped_down_block_n: int = 128
+    grouped_down_block_n: int = 256
     grouped_warps: int = 8
     grouped_stages: int = 3
     grouped_swap_ab: bool = False  # weights x tokens (see _grouped_gate_up_kernel)

@@ -26,6 +26,11 @@ except ImportError:  # CPU-only installs: the model keeps its PyTorch path
     triton = None
 
 
+# Router weight elements up to which one program holds the whole [E, D] tile in registers (16 warps:
+# 128 per thread at the limit).
+SINGLE_PASS_ELEMENTS = 1 << 16
+
+
 def available(x: Tensor) -> bool:
     return triton is not None and x.is_cuda
 
@@ -48,35 +53,52 @@ if triton is not None:
                                     ids_ptr, dim, num_experts, eps, stride_x, stride_delta, stride_h,
                                     stride_normed, stride_gate,
                                     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                                    BLOCK_E: tl.constexpr):
-        """One token row per program, in BLOCK_D chunks: pass 1 writes h and sums its squares, pass 2
-        writes the normed row and accumulates the router logits of every expert."""
+                                    BLOCK_E: tl.constexpr, SINGLE_PASS: tl.constexpr):
+        """One token row per program. SINGLE_PASS (BLOCK_D covers the row): everything from one load of
+        the row and the router weights. Otherwise in BLOCK_D chunks: pass 1 writes h and sums its squares,
+        pass 2 writes the normed row and accumulates the router logits of every expert."""
         row = tl.program_id(0).to(tl.int64)
-        sum_sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
+        offs_e = tl.arange(0, BLOCK_E)
+        mask_e = offs_e < num_experts
+        if SINGLE_PASS:
+            # The whole row in one block: every load is issued at once (a decode step's router is latency,
+            # not bandwidth: two serial passes of dependent loads cost ~19 us on an H200).
+            offs_d = tl.arange(0, BLOCK_D)
             mask_d = offs_d < dim
+            gate_w = tl.load(gate_w_ptr + offs_e[:, None] * stride_gate + offs_d[None, :],
+                             mask=mask_e[:, None] & mask_d[None, :], other=0.0)
+            norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
             h = (tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
                  + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))  # x's dtype
             tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask_d)
-            sum_sq += h.to(tl.float32) * h.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / dim + eps)
-        offs_e = tl.arange(0, BLOCK_E)
-        mask_e = offs_e < num_experts
-        logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < dim
-            # h again from x and delta (this program's own stores to h need not be visible to its threads)
-            h = (tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
-                 + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))
-            norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=0) / dim + eps)
             # (h * rstd) rounded to the activation dtype, then times the weight, rounded: as model.RMSNorm
             normed = (norm_w.to(tl.float32) * (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)).to(h.dtype)
             tl.store(normed_ptr + row * stride_normed + offs_d, normed, mask=mask_d)
-            gate_w = tl.load(gate_w_ptr + offs_e[:, None] * stride_gate + offs_d[None, :],
-                             mask=mask_e[:, None] & mask_d[None, :], other=0.0)
-            logits += tl.sum(gate_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
+            logits = tl.sum(gate_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
+        else:
+            sum_sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for d0 in range(0, dim, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < dim
+                h = (tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
+                     + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))
+                tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask_d)
+                sum_sq += h.to(tl.float32) * h.to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / dim + eps)
+            logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
+            for d0 in range(0, dim, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < dim
+                # h again from x and delta (this program's own stores to h need not be visible to its threads)
+                h = (tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
+                     + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))
+                norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
+                normed = (norm_w.to(tl.float32) * (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)).to(h.dtype)
+                tl.store(normed_ptr + row * stride_normed + offs_d, normed, mask=mask_d)
+                gate_w = tl.load(gate_w_ptr + offs_e[:, None] * stride_gate + offs_d[None, :],
+                                 mask=mask_e[:, None] & mask_d[None, :], other=0.0)
+                logits += tl.sum(gate_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
         logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)  # F.linear returns the activation dtype
         logits = tl.where(mask_e, logits, float("-inf"))
         probs = tl.exp(logits - tl.max(logits, axis=0))
@@ -106,11 +128,14 @@ def residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: floa
     # float32 while the kernel sums and divides; the caller gets x's dtype like the reference.
     weights = torch.empty(num_rows, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=x.device)
+    # One pass over the row while the router weights fit in registers (Mixtral: 8 x 4096), else chunks.
+    block_e = max(2, triton.next_power_of_2(num_experts)) if triton is not None else 0
+    single = triton is not None and block_e * triton.next_power_of_2(dim) <= SINGLE_PASS_ELEMENTS
+    block_d = triton.next_power_of_2(dim) if single else min(1024, triton.next_power_of_2(dim))
     if num_rows:
         _residual_norm_route_kernel[(num_rows,)](
             x, delta, norm_weight, gate_weight, h, normed, weights, ids, dim, num_experts, eps,
             x.stride(0), delta.stride(0), h.stride(0), normed.stride(0), gate_weight.stride(0),
             TOP_K=top_k, BLOCK_K=max(2, triton.next_power_of_2(top_k)),
-            BLOCK_D=min(1024, triton.next_power_of_2(dim)), BLOCK_E=max(2, triton.next_power_of_2(num_experts)),
-            num_warps=4)
+            BLOCK_D=block_d, BLOCK_E=block_e, SINGLE_PASS=single, num_warps=16 if single else 4)
     return h, normed, weights.to(x.dtype), ids
