@@ -138,17 +138,16 @@ class Attention(nn.Module):
             out = attention_kernels.decode_attention(q[:, :, 0], keys, values, input_pos[:, 0] + 1,
                                                      self.sliding_window)
             return self.wo(out.view(batch, 1, q_size))
+        if kv_len is not None:
+            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
         gqa = self.n_heads != self.n_kv_heads
         if kv_len == seq_len and (self.sliding_window is None or seq_len <= self.sliding_window):
             # A prompt's first chunk (positions 0..T-1 in every row, the contract of kv_len == T): plain
             # causal attention, which SDPA runs as flash attention; a mask would rule that kernel out.
-            out = F.scaled_dot_product_attention(q, keys[:, :, :kv_len], values[:, :, :kv_len], is_causal=True,
-                                                 enable_gqa=gqa)
-            return self.wo(out.transpose(1, 2).reshape(batch, seq_len, q_size))
-        if kv_len is not None:
-            keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]
-        mask = self._mask(input_pos, keys.shape[2])
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        else:
+            mask = self._mask(input_pos, keys.shape[2])
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, q_size))
 
     def _mask(self, input_pos: Tensor, kv_len: int) -> Tensor:

@@ -220,6 +220,12 @@ def profile_kernels(engine: Engine, prompt: list[list[int]], new_tokens: int, la
             print(f"per {label}: {len(kernels) / per:.0f} kernels, {gpu_us / per / 1000:.3f} ms of GPU time")
 
 
+def synthetic_prompt(length: int, vocab_size: int) -> list[int]:
+    """BOS, then ids 100, 101, ... wrapping inside the vocabulary."""
+    token_range = min(30000, vocab_size - 100)
+    return [1] + [100 + (i % token_range) for i in range(length - 1)]
+
+
 def experts_module(model: torch.nn.Module) -> torch.nn.Module:
     return next(m for m in model.modules() if hasattr(m, "fused_max_tokens"))
 
@@ -263,9 +269,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
             module.dense_max_tokens = module.fused_max_tokens = 0
         elif hasattr(module, "fused_max_tokens") and options.fused_max_tokens is not None:
             module.fused_max_tokens = options.fused_max_tokens
-    token_range = min(30000, args.vocab_size - 100)  # prompt ids 100, 101, ... wrap inside the vocabulary
-    prompt = [[1] + [100 + (i % token_range) for i in range(options.prompt_len - 1)]
-              for _ in range(options.batch_size)]
+    prompt = [synthetic_prompt(options.prompt_len, args.vocab_size) for _ in range(options.batch_size)]
 
     compile_start = time.perf_counter()
     time_generate(engine, prompt, 4)  # compiles (or loads from the FX graph cache) the decode step
@@ -284,13 +288,13 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
     for length in options.ttft_lengths:
         if length + 2 > engine.max_seq_len:
             continue
-        long_prompt = [[1] + [100 + (i % token_range) for i in range(length - 1)]]
+        long_prompt = [synthetic_prompt(length, args.vocab_size)]
         time_generate(engine, long_prompt, 1)
         samples = [time_generate(engine, long_prompt, 1)[1] for _ in range(3)]
         ttft_ms[str(length)] = round(1e3 * statistics.median(samples), 2)
     if options.profile and ttft_ms:  # the longest prompt's prefill (and its one decode step)
         length = max(int(n) for n in ttft_ms)
-        long_prompt = [[1] + [100 + (i % token_range) for i in range(length - 1)]]
+        long_prompt = [synthetic_prompt(length, args.vocab_size)]
         profile_kernels(engine, long_prompt, 1, f"{length}-token prefill", show=rank == 0)
 
     rank_bytes = bytes_per_token(args, options.precision, options.batch_size, world_size)

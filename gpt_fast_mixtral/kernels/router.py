@@ -49,6 +49,17 @@ def reference_residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor,
 if triton is not None:
 
     @triton.jit
+    def _residual(x_ptr, delta_ptr, row, stride_x, stride_delta, offs_d, mask_d):
+        """h = x + delta for columns offs_d of one row, in x's dtype."""
+        return (tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
+                + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))
+
+    @triton.jit
+    def _normed(h, norm_w, rstd):
+        """(h * rstd) rounded to the activation dtype, then times the weight, rounded: as model.RMSNorm."""
+        return (norm_w.to(tl.float32) * (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)).to(h.dtype)
+
+    @triton.jit
     def _residual_norm_route_kernel(x_ptr, delta_ptr, norm_w_ptr, gate_w_ptr, h_ptr, normed_ptr, weights_ptr,
                                     ids_ptr, dim, num_experts, eps, stride_x, stride_delta, stride_h,
                                     stride_normed, stride_gate,
@@ -68,12 +79,10 @@ if triton is not None:
             gate_w = tl.load(gate_w_ptr + offs_e[:, None] * stride_gate + offs_d[None, :],
                              mask=mask_e[:, None] & mask_d[None, :], other=0.0)
             norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
-            h = (tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
-                 + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))  # x's dtype
+            h = _residual(x_ptr, delta_ptr, row, stride_x, stride_delta, offs_d, mask_d)
             tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask_d)
             rstd = 1.0 / tl.sqrt(tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=0) / dim + eps)
-            # (h * rstd) rounded to the activation dtype, then times the weight, rounded: as model.RMSNorm
-            normed = (norm_w.to(tl.float32) * (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)).to(h.dtype)
+            normed = _normed(h, norm_w, rstd)
             tl.store(normed_ptr + row * stride_normed + offs_d, normed, mask=mask_d)
             logits = tl.sum(gate_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
         else:
@@ -81,8 +90,7 @@ if triton is not None:
             for d0 in range(0, dim, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 mask_d = offs_d < dim
-                h = (tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
-                     + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))
+                h = _residual(x_ptr, delta_ptr, row, stride_x, stride_delta, offs_d, mask_d)
                 tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask_d)
                 sum_sq += h.to(tl.float32) * h.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / dim + eps)
@@ -91,10 +99,9 @@ if triton is not None:
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 mask_d = offs_d < dim
                 # h again from x and delta (this program's own stores to h need not be visible to its threads)
-                h = (tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
-                     + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))
+                h = _residual(x_ptr, delta_ptr, row, stride_x, stride_delta, offs_d, mask_d)
                 norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
-                normed = (norm_w.to(tl.float32) * (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)).to(h.dtype)
+                normed = _normed(h, norm_w, rstd)
                 tl.store(normed_ptr + row * stride_normed + offs_d, normed, mask=mask_d)
                 gate_w = tl.load(gate_w_ptr + offs_e[:, None] * stride_gate + offs_d[None, :],
                                  mask=mask_e[:, None] & mask_d[None, :], other=0.0)
@@ -128,11 +135,11 @@ def residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: floa
     # float32 while the kernel sums and divides; the caller gets x's dtype like the reference.
     weights = torch.empty(num_rows, top_k, dtype=torch.float32, device=x.device)
     ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=x.device)
-    # One pass over the row while the router weights fit in registers (Mixtral: 8 x 4096), else chunks.
-    block_e = max(2, triton.next_power_of_2(num_experts)) if triton is not None else 0
-    single = triton is not None and block_e * triton.next_power_of_2(dim) <= SINGLE_PASS_ELEMENTS
-    block_d = triton.next_power_of_2(dim) if single else min(1024, triton.next_power_of_2(dim))
     if num_rows:
+        # One pass over the row while the router weights fit in registers (Mixtral: 8 x 4096), else chunks.
+        block_e = max(2, triton.next_power_of_2(num_experts))
+        single = block_e * triton.next_power_of_2(dim) <= SINGLE_PASS_ELEMENTS
+        block_d = triton.next_power_of_2(dim) if single else min(1024, triton.next_power_of_2(dim))
         _residual_norm_route_kernel[(num_rows,)](
             x, delta, norm_weight, gate_weight, h, normed, weights, ids, dim, num_experts, eps,
             x.stride(0), delta.stride(0), h.stride(0), normed.stride(0), gate_weight.stride(0),
