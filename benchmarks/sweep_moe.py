@@ -72,6 +72,20 @@ PREFILL_CONFIGS = {
     "grouped_swap_64x256x64_w8": replace(GROUPED, grouped_swap_ab=True, grouped_block_m=64, grouped_block_n=256,
                                          grouped_down_block_n=256),
     "grouped_swap_128x128x64_s4": replace(GROUPED, grouped_swap_ab=True, grouped_stages=4),
+    # int8 weights x row-scaled float16 activations (session 5)
+    "grouped_fp16_128x256x64_down": replace(GROUPED, grouped_down_block_n=256, grouped_int8_fp16=True),
+    "grouped_fp16_128x128x64": replace(GROUPED, grouped_int8_fp16=True),
+    "grouped_fp16_128x256x64_down_s4": replace(GROUPED, grouped_down_block_n=256, grouped_int8_fp16=True,
+                                               grouped_stages=4),
+    "grouped_fp16_swap_128x128x64": replace(GROUPED, grouped_swap_ab=True, grouped_int8_fp16=True),
+    "grouped_fp16_swap_64x256x64": replace(GROUPED, grouped_swap_ab=True, grouped_int8_fp16=True,
+                                           grouped_block_m=64, grouped_block_n=256, grouped_down_block_n=256),
+    "grouped_fp16_128x64x64": replace(GROUPED, grouped_int8_fp16=True, grouped_block_n=64),
+    "grouped_fp16_128x64x64_w4": replace(GROUPED, grouped_int8_fp16=True, grouped_block_n=64, grouped_warps=4),
+    "grouped_fp16_128x128x64_s4": replace(GROUPED, grouped_int8_fp16=True, grouped_stages=4),
+    "grouped_fp16_64x128x64_w4": replace(GROUPED, grouped_int8_fp16=True, grouped_block_m=64, grouped_warps=4),
+    "grouped_fp16_128x128x32_s5": replace(GROUPED, grouped_int8_fp16=True, grouped_block_k=32, grouped_stages=5),
+    "grouped_fp16_128x128x64_down64": replace(GROUPED, grouped_int8_fp16=True, grouped_fp16_down_block_n=64),
 }
 
 

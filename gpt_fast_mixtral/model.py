@@ -45,12 +45,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 class FusedOnGpu:
-    """`fn` as one compiled kernel (dynamic shapes, compiled once) when called eagerly on a GPU; else `fn`.
+    """`fn` compiled (dynamic shapes, compiled once) when called eagerly on a GPU; else `fn`.
 
-    Prefill runs eagerly, where the float32 chains of rms_norm and apply_rope are 7-10 kernels over the
-    whole [T, D] activations each (~40 ms of eager elementwise work in a 2048-token int8 prefill on an
-    H200); inside the compiled decode step the step's own compile fuses them, so `fn` is traced there.
-    `enabled` (class-wide) switches it off for comparisons (scripts/benchmark.py --eager-prefill-ops).
+    Prefill runs eagerly, where the float32 chain of rms_norm is 7-10 kernels over the whole [T, D]
+    activations (~40 ms of eager elementwise work in a 2048-token int8 prefill on an H200, with rope's);
+    inside the compiled decode step the step's own compile fuses them, so `fn` is traced there.
+    `enabled` (class-wide) switches these and prefill's rope kernel (Attention) off for comparisons
+    (scripts/benchmark.py --eager-prefill-ops).
     """
 
     enabled = True
@@ -126,10 +127,20 @@ class Attention(nn.Module):
             out = attention_kernels.decode_attention(q, cache.k_cache[:batch], cache.v_cache[:batch],
                                                      input_pos[:, 0] + 1, self.sliding_window)
             return self.wo(out.view(batch, 1, q_size))
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = fused_apply_rope(q.view(batch, seq_len, self.n_heads, self.head_dim), cos, sin)
-        k = fused_apply_rope(k.view(batch, seq_len, self.n_kv_heads, self.head_dim), cos, sin)
-        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        qkv = self.wqkv(x)
+        v = qkv[..., q_size + kv_size:].view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        if seq_len > 1 and FusedOnGpu.enabled and attention_kernels.available(x) \
+                and not torch.compiler.is_compiling():
+            # prefill: q and k rotated by one kernel
+            rotated = attention_kernels.rope_rows(qkv.reshape(batch * seq_len, -1),
+                                                  cos.reshape(batch * seq_len, -1), sin.reshape(batch * seq_len, -1),
+                                                  self.n_heads, self.n_kv_heads, self.head_dim)
+            q = rotated[:, :q_size].view(batch, seq_len, self.n_heads, self.head_dim)
+            k = rotated[:, q_size:].view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        else:
+            q = fused_apply_rope(qkv[..., :q_size].view(batch, seq_len, self.n_heads, self.head_dim), cos, sin)
+            k = fused_apply_rope(qkv[..., q_size:q_size + kv_size].view(batch, seq_len, self.n_kv_heads,
+                                                                        self.head_dim), cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
 
         keys, values = self.kv_cache.update(input_pos, k, v)

@@ -264,6 +264,9 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
     if options.grouped_min_slots is not None:
         moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
                                                          grouped_min_slots=options.grouped_min_slots)
+    if options.int8_fp16 is not None:
+        moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
+                                                         grouped_int8_fp16=options.int8_fp16)
     for module in engine.model.modules():
         if hasattr(module, "dense_max_tokens") and options.moe_impl == "gather":
             module.dense_max_tokens = module.fused_max_tokens = 0
@@ -310,6 +313,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "moe_impl": options.moe_impl,
         "fused_max_tokens": experts_module(engine.model).fused_max_tokens,
         "grouped_min_slots": moe_kernels.DEFAULT_CONFIG.grouped_min_slots,
+        "grouped_int8_fp16": moe_kernels.DEFAULT_CONFIG.grouped_int8_fp16,
         "fused_router": TransformerBlock.fused_router,
         "compiled_prefill_ops": FusedOnGpu.enabled,
         "fused_rope_cache": options.fused_rope_cache,
@@ -426,6 +430,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grouped-min-slots", type=int, default=None,
                         help="(token, k) slots from which the fused experts use the grouped GEMM kernels "
                              "(prefill experiments; with --fused-max-tokens above the prompt length)")
+    parser.add_argument("--int8-fp16", action=argparse.BooleanOptionalAction, default=None,
+                        help="int8 prefill experts on float16 tensor cores, activations scaled per row "
+                             "(default: kernels.moe's grouped_int8_fp16, on)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps")
     parser.add_argument("--compile-cache", action="store_true",

@@ -52,6 +52,67 @@ def check_moe(name: str, config: moe.MoEConfig, shapes: list[tuple[int, ...]]) -
         assert error < TOLERANCE and error_int8 < TOLERANCE, name
 
 
+def check_rows_to_fp16() -> None:
+    """Rows of very different magnitudes (and a zero row) to float16 and back, out of place and in place."""
+    magnitudes = torch.tensor([1e-30, 1e-3, 1.0, 3e4, 1e6, 1e30, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(len(magnitudes), 300, generator=generator) * magnitudes[:, None]).to(torch.bfloat16)
+    x16, scale = moe.rows_to_fp16(x)
+    assert x16.dtype == torch.float16 and torch.equal(x16.float() * scale[:, None], x.float())
+    in_place = x.clone()
+    x16, scale = moe.rows_to_fp16(in_place, out=in_place.view(torch.float16))
+    assert x16.data_ptr() == in_place.data_ptr() and torch.equal(x16.float() * scale[:, None], x.float())
+    # every row's largest magnitude lands in [2**14, 2**15)
+    amax = x16.float().abs().amax(dim=1)[:-1]
+    assert bool(((amax >= 2 ** 14) & (amax < 2 ** 15)).all()) and float(scale[-1]) == 1.0
+    print("rows to float16: exact")
+
+
+def check_grouped_int8_fp16() -> None:
+    """int8 experts through float16 grouped GEMMs (bfloat16 activations scaled per row, here of 1e6, which
+    float16 could not hold unscaled) against the float32 reference of the same bfloat16 inputs."""
+    config = moe.MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_int8_fp16=True, grouped_block_m=32,
+                           grouped_block_n=32, grouped_block_k=32, grouped_fp16_down_block_n=32)
+    for shape in [(3, 5, 3, 96, 200), (50, 8, 2, 64, 128)]:
+        x, w1, w2, w3, weights, ids = moe_inputs(*shape, seed=sum(shape))
+        x = (x * 1e6).to(torch.bfloat16)
+        (q1, s1), (q2, s2), (q3, s3) = (quantize_per_channel(w) for w in (w1, w2, w3))
+        got = moe.fused_moe(x, q1, q2, q3, weights.to(torch.bfloat16), ids, scales=(s1, s2, s3), config=config)
+        expected = moe.reference_moe(x, q1, q2, q3, weights.to(torch.bfloat16), ids, scales=(s1, s2, s3))
+        error = relative_error(got, expected)
+        # (the interpreter rounds float32 to bfloat16 towards zero: twice the GPU's error)
+        print(f"grouped int8 x float16 {shape}: {error:.1e}")
+        assert got.dtype == torch.bfloat16 and error < 1e-2
+
+
+def check_group_slots() -> None:
+    """The one-kernel counting sort and tiling equal the PyTorch version (ids < 0 included)."""
+    for slots, experts, top_k, block_m in [(4096, 8, 2, 128), (1001, 5, 1, 32), (700, 16, 4, 64), (3, 8, 3, 128)]:
+        generator = torch.Generator().manual_seed(slots)
+        ids = torch.randint(-1, experts, (slots,), generator=generator)
+        ids[: slots // 3] = torch.randint(0, 2, (slots // 3,), generator=generator)  # uneven experts
+        got = moe.group_slots(ids, experts, top_k, block_m)
+        expected = moe.reference_group_slots(ids, experts, top_k, block_m)
+        for name, a, b in zip(("order", "counts", "offsets", "slot_token", "tile_expert", "tile_row", "tile_end"),
+                              got, expected, strict=True):
+            assert a.dtype == torch.int32 and torch.equal(a, b), name
+        print(f"group slots ({slots}, {experts}, {top_k}, {block_m}): equal")
+
+
+def check_rope_rows() -> None:
+    for tokens, n_heads, n_kv_heads, head_dim in [(5, 6, 2, 96), (3, 4, 4, 16)]:
+        generator = torch.Generator().manual_seed(head_dim)
+        qkv = torch.randn(tokens, (n_heads + 2 * n_kv_heads) * head_dim, generator=generator)
+        angles = torch.rand(tokens, head_dim // 2, generator=generator) * 6
+        table = torch.stack([angles.cos(), angles.sin()], dim=-1)
+        got = attention.rope_rows(qkv, table[..., 0], table[..., 1], n_heads, n_kv_heads, head_dim)
+        heads = n_heads + n_kv_heads
+        expected = model_module.apply_rope(qkv[:, :heads * head_dim].view(1, tokens, heads, head_dim),
+                                           table[None, :, None, :, 0], table[None, :, None, :, 1])
+        assert torch.allclose(got, expected.view(tokens, -1), atol=1e-6), "rope rows"
+        print(f"rope rows ({tokens}, {n_heads}, {n_kv_heads}, {head_dim}): equal")
+
+
 def check_int8_linear() -> None:
     persistent = linear.LinearConfig(gemv_programs=3)
     for rows, n, k, config in [(1, 40, 100, linear.DEFAULT_CONFIG), (1, 40, 100, persistent),
@@ -63,6 +124,9 @@ def check_int8_linear() -> None:
                                linear.reference_int8_linear(x, weight, scales))
         print(f"int8 linear ({rows}, {n}, {k}, programs {config.gemv_programs}): {error:.1e}")
         assert error < TOLERANCE
+    weight, scales = quantize_per_channel(torch.randn(37, 1500))
+    assert torch.equal(linear.dequantize(weight, scales, torch.float32), weight.float() * scales.float()[:, None])
+    print("dequantize: equal")
 
 
 def check_router() -> None:
@@ -127,16 +191,21 @@ def main() -> None:
     small_tiles = dict(grouped_block_m=32, grouped_block_n=32, grouped_block_k=32, grouped_down_block_n=32)
     prefill_shapes = [(3, 5, 3, 96, 200), (50, 8, 2, 64, 128)]
     check_moe("tiled", moe.MoEConfig(gemv_max_slots=0), [(17, 8, 2, 128, 96)])
-    check_moe("grouped", moe.MoEConfig(gemv_max_slots=0, grouped_min_slots=0, **small_tiles), prefill_shapes)
+    check_moe("grouped", moe.MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_int8_fp16=False, **small_tiles),
+              prefill_shapes)
     check_moe("grouped swap_ab", moe.MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True,
                                                **small_tiles), prefill_shapes)
     gemv = dict(gemv_max_slots=1 << 30, gemv_block_d=64, gemv_down_block_i=64)
     check_moe("gemv", moe.MoEConfig(**gemv), [(3, 5, 3, 96, 200)])
     check_moe("gemv persistent", moe.MoEConfig(gemv_programs=7, **gemv), [(3, 5, 3, 96, 200)])
     check_moe("gemv no magic", moe.MoEConfig(int8_magic=False, **gemv), [(1, 8, 2, 96, 64)])
+    check_rows_to_fp16()
+    check_grouped_int8_fp16()
     check_int8_linear()
     check_router()
     check_rope_and_cache()
+    check_rope_rows()
+    check_group_slots()
     check_model_decode_step()
     print("all kernel checks passed")
 

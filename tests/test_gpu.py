@@ -95,3 +95,36 @@ def test_prefill_norm_and_rope_compiled_match_the_eager_functions(dtype):
         got, expected = fused_apply_rope(q, angles.cos(), angles.sin()), apply_rope(q, angles.cos(), angles.sin())
         assert got.dtype == dtype and torch.allclose(got.float(), expected.float(), rtol=1e-2 if dtype ==
                                                      torch.bfloat16 else 1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rope_kernel_and_int8_linear_match_their_references(dtype):
+    from gpt_fast_mixtral.kernels.attention import rope_rows
+    from gpt_fast_mixtral.kernels.linear import reference_int8_linear
+    from gpt_fast_mixtral.model import apply_rope
+    from gpt_fast_mixtral.quantize import WeightOnlyInt8Linear, quantize_per_channel
+
+    def relative_error(got, expected):
+        return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    bound = dict(rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    # Mixtral's heads; an odd head_dim whose half is no power of two; one token
+    for tokens, n_heads, n_kv_heads, head_dim in ((2048, 32, 8, 128), (37, 6, 2, 96), (1, 4, 4, 16)):
+        qkv = torch.randn(tokens, (n_heads + 2 * n_kv_heads) * head_dim, device="cuda", generator=generator)
+        qkv = qkv.to(dtype)
+        angles = torch.rand(tokens, head_dim // 2, device="cuda", generator=generator) * 6
+        table = torch.stack([angles.cos(), angles.sin()], dim=-1)
+        cos, sin = table[..., 0], table[..., 1]  # strided views, as the model's rope table gives them
+        got = rope_rows(qkv, cos, sin, n_heads, n_kv_heads, head_dim)
+        for start, heads in ((0, n_heads), (n_heads, n_kv_heads)):
+            columns = slice(start * head_dim, (start + heads) * head_dim)
+            expected = apply_rope(qkv[:, columns].view(1, tokens, heads, head_dim), cos[None, :, None],
+                                  sin[None, :, None])
+            assert torch.allclose(got[:, columns].float(), expected.view(tokens, -1).float(), **bound)
+        x = torch.randn(3, tokens, 512, device="cuda", generator=generator).to(dtype)
+        layer = WeightOnlyInt8Linear(512, 300, device="cuda")
+        layer.weight, layer.scales = quantize_per_channel(torch.randn(300, 512, device="cuda", generator=generator))
+        got = layer(x)  # 3 x 2048 and 3 x 37 rows: prefill's dequantised weight; 3 rows: the kernel
+        expected = reference_int8_linear(x.view(-1, 512), layer.weight, layer.scales).view(3, tokens, 300)
+        assert got.dtype == dtype and relative_error(got, expected) < (5e-3 if dtype == torch.bfloat16 else 1e-6)

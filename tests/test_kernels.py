@@ -14,7 +14,14 @@ from gpt_fast_mixtral.kernels.attention import (
     rope_and_cache_write,
 )
 from gpt_fast_mixtral.kernels.linear import LinearConfig, int8_linear, reference_int8_linear
-from gpt_fast_mixtral.kernels.moe import MoEConfig, fused_moe, reference_moe
+from gpt_fast_mixtral.kernels.moe import (
+    MoEConfig,
+    fused_moe,
+    group_slots,
+    reference_group_slots,
+    reference_moe,
+    rows_to_fp16,
+)
 from gpt_fast_mixtral.kernels.router import reference_residual_norm_route, residual_norm_route
 from gpt_fast_mixtral.quantize import quantize_per_channel
 
@@ -42,6 +49,11 @@ PATHS = {"tiled": MoEConfig(gemv_max_slots=0), "gemv": MoEConfig(gemv_max_slots=
          "grouped_swap_ab": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_m=32, grouped_block_n=64,
                                       grouped_block_k=32, grouped_down_block_n=64, grouped_warps=4,
                                       grouped_swap_ab=True)}
+# int8 weights with bfloat16 activations: the grouped paths above on bfloat16 tensor cores, these on float16
+# ones (kernels.moe's default; other inputs take the paths above)
+for name in ("grouped", "grouped_default_tiles", "grouped_swap_ab"):
+    PATHS[f"{name}_int8_fp16"] = dataclasses.replace(PATHS[name], grouped_int8_fp16=True)
+    PATHS[name] = dataclasses.replace(PATHS[name], grouped_int8_fp16=False)
 
 
 def make_inputs(tokens, experts, top_k, dim, inter, dtype, seed):
@@ -119,6 +131,39 @@ def test_int8_conversion_trick_equals_plain_conversion(shape, path):
     results = [fused_moe(x, *weights_q, weights, indices, scales=scales,
                          config=dataclasses.replace(PATHS[path], int8_magic=magic)) for magic in (True, False)]
     assert relative_error(results[0], results[1].float()) < 1e-3
+
+
+@pytest.mark.parametrize("path", ["grouped_int8_fp16", "grouped_swap_ab_int8_fp16"])
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e6])  # 1e6: beyond float16's range unless scaled
+def test_int8_fp16_experts_take_activations_of_any_magnitude(path, magnitude):
+    x, w1, w2, w3, weights, indices = make_inputs(300, 8, 2, 256, 384, torch.bfloat16, seed=5)
+    x = (x.float() * magnitude).to(torch.bfloat16)
+    (q1, s1), (q2, s2), (q3, s3) = (quantize_per_channel(w) for w in (w1, w2, w3))
+    got = fused_moe(x, q1, q2, q3, weights, indices, scales=(s1, s2, s3), config=PATHS[path])
+    bf16 = fused_moe(x, q1, q2, q3, weights, indices, scales=(s1, s2, s3), config=PATHS["grouped"])
+    expected = reference_moe(x, q1, q2, q3, weights, indices, scales=(s1, s2, s3))
+    assert torch.isfinite(got).all()
+    assert relative_error(got, expected) < 1e-2
+    assert relative_error(got, bf16.float()) < 1e-2
+
+
+@pytest.mark.parametrize("slots,experts,top_k,block_m", [(4096, 8, 2, 128), (16384, 8, 2, 128), (999, 7, 3, 64),
+                                                       (5, 8, 1, 128)])
+def test_group_slots_kernel_equals_the_pytorch_version(slots, experts, top_k, block_m):
+    generator = torch.Generator(device="cuda").manual_seed(slots)
+    ids = torch.randint(-1, experts, (slots,), device="cuda", generator=generator)
+    ids[: slots // 2] = 1  # one expert with many more slots than the others
+    for got, expected in zip(group_slots(ids, experts, top_k, block_m),
+                             reference_group_slots(ids, experts, top_k, block_m), strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_rows_to_fp16_is_exact_for_bfloat16_rows():
+    magnitudes = torch.tensor([1e-30, 1e-3, 1.0, 3e4, 1e6, 1e30, 0.0], device="cuda")
+    x = (torch.randn(len(magnitudes), 14336, device="cuda") * magnitudes[:, None]).to(torch.bfloat16)
+    expected = x.float()
+    x16, scale = rows_to_fp16(x, out=x.view(torch.float16))  # in place, as the down projection's input
+    assert torch.equal(x16.float() * scale[:, None], expected)
 
 
 LINEAR_SHAPES = [(1, 40, 100), (1, 6144, 4096), (3, 96, 200), (16, 130, 64), (9, 4096, 512)]

@@ -64,31 +64,44 @@ def compile_for_hopper(fn, types: list[str], constexprs: dict, num_warps: int = 
 
 
 GROUPED_TYPES = {
-    "gate_up": lambda w: ["*bf16", f"*{w}", f"*{w}", "*bf16", "*bf16", "*bf16", "*i32", "*i32", "*i32", "*i32",
-                          "i32", "i32", "i32", "i32", "i32", "i64", "i32", "i32", "i32"],
-    "down": lambda w: ["*bf16", f"*{w}", "*bf16", "*fp32", "*i32", "*bf16", "*i32", "*i32", "*i32", "i32", "i32",
-                       "i32", "i32", "i32", "i64", "i32", "i32", "i32"],
+    "gate_up": lambda w, act: [f"*{act}", f"*{w}", f"*{w}", "*bf16", "*bf16", "*bf16", "*fp32", "*i32", "*i32",
+                               "*i32", "*i32", "i32", "i32", "i32", "i32", "i32", "i64", "i32", "i32", "i32"],
+    "down": lambda w, act: [f"*{act}", f"*{w}", "*bf16", "*fp32", "*i32", "*bf16", "*fp32", "*i32", "*i32", "*i32",
+                            "i32", "i32", "i32", "i32", "i32", "i64", "i32", "i32", "i32"],
 }
 
 
+# weights, activations: bfloat16 x bfloat16, int8 x bfloat16, and int8 x row-scaled float16 (grouped_int8_fp16)
 @pytest.mark.parametrize("even_k", [True, False])  # False: the K dimension needs masks too
 @pytest.mark.parametrize("swap_ab", [False, True])
-@pytest.mark.parametrize("weights", ["i8", "bf16"])
+@pytest.mark.parametrize("weights,act", [("i8", "bf16"), ("bf16", "bf16"), ("i8", "fp16")])
 @pytest.mark.parametrize("kernel", ["gate_up", "down"])
-def test_grouped_expert_kernels_compile_to_pipelined_tensor_core_code(kernel: str, weights: str,
+def test_grouped_expert_kernels_compile_to_pipelined_tensor_core_code(kernel: str, weights: str, act: str,
                                                                       swap_ab: bool, even_k: bool) -> None:
     config = moe.MoEConfig()
     fn = moe._grouped_gate_up_kernel if kernel == "gate_up" else moe._grouped_down_kernel
     compiled = compile_for_hopper(
-        fn, GROUPED_TYPES[kernel](weights),
+        fn, GROUPED_TYPES[kernel](weights, act),
         dict(HAS_SCALES=weights == "i8", PRECISION="tf32", MAGIC=config.int8_magic, EVEN_K=even_k,
              BLOCK_M=config.grouped_block_m, BLOCK_K=config.grouped_block_k, SWAP_AB=swap_ab,
-             BLOCK_N=config.grouped_block_n if kernel == "gate_up" else config.grouped_down_block_n),
+             BLOCK_N=config.grouped_block_n if kernel == "gate_up" else config.grouped_down_block_n,
+             ROW_SCALE=act == "fp16"),
         num_warps=config.grouped_warps, num_stages=config.grouped_stages)
     ptx = compiled.asm["ptx"]
     assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY
     assert "wgmma.mma_async" in ptx, "the tiles must run on Hopper's tensor cores"
     assert "cp.async" in ptx, "the tile loads must be asynchronous (software pipelined)"
+    if act == "fp16":  # the weights converted by int8_to_fp16's inline PTX, no integer-to-float conversions
+        assert "sub.f16x2" in ptx and "cvt.rn.f16.s" not in ptx and "cvt.rn.f32.s" not in ptx
+
+
+def test_prefill_moe_helper_kernels_compile() -> None:
+    compile_for_hopper(moe._rows_to_fp16_kernel, ["*bf16", "*fp16", "*fp32", "i32", "i32", "i32"],
+                       dict(BLOCK=2048), num_warps=8)
+    compile_for_hopper(moe._group_slots_kernel, ["*i64"] + ["*i32"] * 7 + ["i32"] * 5,
+                       dict(BLOCK=512, BLOCK_E=16), num_warps=16)
+    compile_for_hopper(moe._sum_slots_kernel, ["*fp32", "*i64", "*bf16", "i32", "i32", "i32"],
+                       dict(TOP_K=2, BLOCK=1024))
 
 
 @pytest.mark.parametrize("persistent", [False, True])
@@ -116,6 +129,8 @@ def test_decode_kernels_compile() -> None:
                             "fp32", "i32", "i32", "i32", "i32", "i32"],
                            dict(TOP_K=2, BLOCK_K=2, BLOCK_D=block_d, BLOCK_E=8, SINGLE_PASS=single_pass),
                            num_warps=warps)
+    compile_for_hopper(attention._rope_rows_kernel, ["*bf16", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32", "i32",
+                                                     "i32", "i32", "i32", "i32"], dict(BLOCK_H=4, BLOCK_HALF=64))
     compile_for_hopper(attention._rope_cache_kernel,
                        ["*bf16", "*fp32", "*fp32", "*i64", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "i32",
                         "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32"], dict(BLOCK_HALF=64),

@@ -138,3 +138,26 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig 
                               BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=persistent, num_warps=warps,
                               num_stages=stages)
     return y.view(*shape[:-1], n)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequantize_kernel(w_ptr, s_ptr, out_ptr, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < n) & (cols[None, :] < k)
+        offsets = rows[:, None].to(tl.int64) * k + cols[None, :]
+        w = tl.load(w_ptr + offsets, mask=mask, other=0).to(tl.float32)
+        scale = tl.load(s_ptr + rows, mask=rows < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offsets, (w * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(weight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """weight [N, K] (int8, contiguous) * scales [N], rounded once to `dtype`."""
+    n, k = weight.shape
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    if out.numel():
+        _dequantize_kernel[(triton.cdiv(n, 8), triton.cdiv(k, 1024))](weight, scales, out, n, k, BLOCK_N=8,
+                                                                      BLOCK_K=1024, num_warps=4)
+    return out
