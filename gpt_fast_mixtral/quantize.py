@@ -63,8 +63,8 @@ class WeightOnlyInt8Linear(nn.Module):
 
 class ConditionalFeedForwardInt8(ConditionalFeedForward):
     # int8 prompts of every length take the fused kernels (grouped GEMMs from kernels.moe's
-    # grouped_min_slots on): no dequantised expert weights. On an H200, 2048 tokens 190 ms to first token
-    # where grouping tokens per expert in PyTorch (dequantising each expert) took 266 ms.
+    # grouped_min_slots on): no dequantised expert weights. On an H200, 2048 tokens 148 ms to first token
+    # (session 5); grouping tokens per expert in PyTorch (dequantising each expert) took 266 ms.
     fused_max_tokens = 1 << 62
 
     def __init__(self, experts: int, inter: int, dim: int, device: torch.device | None = None) -> None:
