@@ -50,10 +50,9 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        if (linear_kernels.available(x) and x.numel() <= x.shape[-1] * self.kernel_config.max_tokens
-                and self.weight.is_contiguous()):
-            return linear_kernels.int8_linear(x, self.weight, self.scales, self.kernel_config)
         if linear_kernels.available(x) and self.weight.is_contiguous():
+            if x.numel() <= x.shape[-1] * self.kernel_config.max_tokens:
+                return linear_kernels.int8_linear(x, self.weight, self.scales, self.kernel_config)
             # Prefill: the weight times its scales in x's dtype by one kernel, then cuBLAS. (PyTorch's
             # casting copy and broadcasting multiply of the output took 58 + 27 us for wqkv at 2048 tokens
             # on an H200; torch.compile's fusion of the two into a Triton matmul was 30x slower still.)

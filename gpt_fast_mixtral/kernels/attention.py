@@ -164,6 +164,12 @@ def reference_rope_and_cache_write(qkv: Tensor, cos: Tensor, sin: Tensor, k_cach
 if triton is not None:
 
     @triton.jit
+    def _rotate(x1, x2, cos, sin):
+        """The rotated halves of a head (half-split layout), in float32."""
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+    @triton.jit
     def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ptr, v_ptr, n_heads, n_kv_heads,
                            head_dim, stride_qkv, stride_cos_b, stride_cos_d, stride_sin_b, stride_sin_d,
                            stride_qob, stride_qoh, stride_kb, stride_kh, stride_ks, BLOCK_HALF: tl.constexpr):
@@ -182,8 +188,8 @@ if triton is not None:
         src = tl.where(is_key, n_heads * head_dim + kv_head * head_dim, head * head_dim)
         x1 = tl.load(row + src + offs, mask=mask, other=0.0)
         x2 = tl.load(row + src + half + offs, mask=mask, other=0.0)
-        out1 = (x1.to(tl.float32) * cos - x2.to(tl.float32) * sin).to(x1.dtype)
-        out2 = (x2.to(tl.float32) * cos + x1.to(tl.float32) * sin).to(x1.dtype)
+        out1, out2 = _rotate(x1, x2, cos, sin)
+        out1, out2 = out1.to(x1.dtype), out2.to(x1.dtype)
         if is_key:
             position = tl.load(pos_ptr + b).to(tl.int64)
             slot = b * stride_kb + kv_head.to(tl.int64) * stride_kh + position * stride_ks
@@ -234,8 +240,7 @@ if triton is not None:
         columns = offs_h[:, None] * head_dim + offs[None, :]
         x1 = tl.load(qkv_ptr + t * stride_qkv + columns, mask=mask, other=0.0)
         x2 = tl.load(qkv_ptr + t * stride_qkv + half + columns, mask=mask, other=0.0)
-        out1 = x1.to(tl.float32) * cos[None, :] - x2.to(tl.float32) * sin[None, :]
-        out2 = x2.to(tl.float32) * cos[None, :] + x1.to(tl.float32) * sin[None, :]
+        out1, out2 = _rotate(x1, x2, cos[None, :], sin[None, :])
         tl.store(out_ptr + t * stride_out + columns, out1.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_ptr + t * stride_out + half + columns, out2.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -104,6 +104,14 @@ if triton is not None:
         tl.store(scale_ptr + row, 1.0 / mult)
 
     @triton.jit
+    def _expert_one_hot(ids_ptr, offs_s, slots, num_experts, offs_e):
+        """[slots of offs_s, experts of offs_e] int32: 1 at each slot's expert (ids < 0 count as expert E;
+        slots past the end are all 0)."""
+        expert = tl.load(ids_ptr + offs_s, mask=offs_s < slots, other=0).to(tl.int32)
+        expert = tl.where(expert < 0, num_experts, expert)
+        return ((expert[:, None] == offs_e[None, :]) & (offs_s < slots)[:, None]).to(tl.int32)
+
+    @triton.jit
     def _group_slots_kernel(ids_ptr, order_ptr, slot_token_ptr, counts_ptr, offsets_ptr, tile_expert_ptr,
                             tile_row_ptr, tile_end_ptr, slots, num_experts, num_tiles, top_k, block_m,
                             BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -112,20 +120,14 @@ if triton is not None:
         offs_e = tl.arange(0, BLOCK_E)
         counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
         for s0 in range(0, slots, BLOCK):
-            offs_s = s0 + tl.arange(0, BLOCK)
-            expert = tl.load(ids_ptr + offs_s, mask=offs_s < slots, other=0).to(tl.int32)
-            expert = tl.where(expert < 0, num_experts, expert)
-            hot = ((expert[:, None] == offs_e[None, :]) & (offs_s < slots)[:, None]).to(tl.int32)
-            counts += tl.sum(hot, axis=0)
+            counts += tl.sum(_expert_one_hot(ids_ptr, s0 + tl.arange(0, BLOCK), slots, num_experts, offs_e), axis=0)
         offsets = tl.cumsum(counts, axis=0) - counts
         tl.store(counts_ptr + offs_e, counts, mask=offs_e <= num_experts)
         tl.store(offsets_ptr + offs_e, offsets, mask=offs_e <= num_experts)
         next_row = offsets  # per expert, where its next slot goes
         for s0 in range(0, slots, BLOCK):
             offs_s = s0 + tl.arange(0, BLOCK)
-            expert = tl.load(ids_ptr + offs_s, mask=offs_s < slots, other=0).to(tl.int32)
-            expert = tl.where(expert < 0, num_experts, expert)
-            hot = ((expert[:, None] == offs_e[None, :]) & (offs_s < slots)[:, None]).to(tl.int32)
+            hot = _expert_one_hot(ids_ptr, offs_s, slots, num_experts, offs_e)
             rank = tl.cumsum(hot, axis=0) - hot  # earlier slots of the same expert in this block
             row = tl.sum((next_row[None, :] + rank) * hot, axis=1)
             tl.store(order_ptr + row, offs_s, mask=offs_s < slots)
@@ -534,7 +536,9 @@ class MoEConfig:
     grouped_swap_ab: bool = False  # weights x tokens (see _grouped_gate_up_kernel)
     # int8 experts with bfloat16 activations: the grouped GEMMs run on float16 tensor cores, activations
     # scaled per row into float16 (_rows_to_fp16_kernel, exact for what bfloat16 holds) and int8 weights
-    # converted by int8_to_fp16 (no integer-to-float instructions, which bound the bf16 version).
+    # converted by int8_to_fp16. Only the down projection gained (1.48 -> 1.16 ms at 2048 tokens); gate_up
+    # is 2.75 ms either way (Triton 3.6 converts int8 to bfloat16 cheaply too; what costs is the converted
+    # tile's trip through shared memory).
     # Measured on an H200 (benchmarks/sweep_moe.py --tokens 2048, Triton 3.6, which already converts int8 to
     # bfloat16 without conversion instructions): 4.22 ms per layer with 128-wide down tiles, against 4.53.
     grouped_int8_fp16: bool = True
@@ -561,13 +565,7 @@ def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Te
                                   scales, config)
     flat = expert_indices.flatten()
     valid = flat >= 0
-    flat = torch.where(valid, flat, num_experts)  # slots with no expert sort last; no program runs them
-    order = torch.argsort(flat, stable=True)  # slots grouped by expert
-    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    slot_token = (order // top_k).to(torch.int32)
-    order = order.to(torch.int32)
+    order, counts, offsets, slot_token = sort_slots(flat, num_experts, top_k)
     if num_tokens * top_k > 16 * num_experts and x.element_size() == 2:
         # Prefill-sized: larger token tiles reuse each weight tile more (float32 tiles this size would
         # not fit in shared memory).
@@ -638,16 +636,22 @@ def group_slots(expert_ids: Tensor, num_experts: int, top_k: int, block_m: int) 
 
 
 def reference_group_slots(expert_ids: Tensor, num_experts: int, top_k: int, block_m: int) -> tuple[Tensor, ...]:
-    """group_slots in PyTorch: a stable sort by expert (ids < 0 last), counts and offsets per expert
-    (counts[E]: slots with no expert), each slot's token, and expert_tiles."""
-    valid = expert_ids >= 0
-    flat = torch.where(valid, expert_ids, num_experts)
+    """group_slots in PyTorch: sort_slots, then expert_tiles."""
+    order, counts, offsets, slot_token = sort_slots(expert_ids, num_experts, top_k)
+    tiles = expert_tiles(counts[:num_experts], offsets[:num_experts], expert_ids.numel(), block_m)
+    return order, counts, offsets, slot_token, *tiles
+
+
+def sort_slots(expert_ids: Tensor, num_experts: int, top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The flat slots' experts [N * k] as (order, counts, offsets, slot_token), int32: the slots in a stable
+    sort by expert (ids < 0 last: no program runs them), each expert's count and first row (counts[E]:
+    slots with no expert), and each sorted row's token."""
+    flat = torch.where(expert_ids >= 0, expert_ids, num_experts)
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=expert_ids.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offsets = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-    tiles = expert_tiles(counts[:num_experts], offsets[:num_experts], expert_ids.numel(), block_m)
-    return order.to(torch.int32), counts, offsets, (order // top_k).to(torch.int32), *tiles
+    return order.to(torch.int32), counts, offsets, (order // top_k).to(torch.int32)
 
 
 def expert_tiles(counts: Tensor, offsets: Tensor, slots: int, block_m: int) -> tuple[Tensor, Tensor, Tensor]:
