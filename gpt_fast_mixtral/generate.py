@@ -22,6 +22,7 @@ from torch import Tensor
 
 from gpt_fast_mixtral.checkpoint import load_model
 from gpt_fast_mixtral.model import Transformer
+from gpt_fast_mixtral.quantize import block_int8_experts
 from gpt_fast_mixtral.sampling import SamplingTensors, sample
 from gpt_fast_mixtral.tokenizer import IncrementalDetokenizer, Tokenizer
 from gpt_fast_mixtral.tp import (
@@ -150,6 +151,7 @@ class Engine:
         self.max_seq_len = max_seq_len or min(model.args.max_position_embeddings, 4096)
         self.prefill_chunk = prefill_chunk
         self.device = model.device
+        block_int8_experts(model)  # GPU models only: the decode kernels read contiguous blocks
         model.setup_caches(max_batch_size, self.max_seq_len)
         self._decode = self._step
         if compile and self.device.type == "cuda":

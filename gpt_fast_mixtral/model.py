@@ -193,15 +193,35 @@ class ConditionalFeedForward(nn.Module):
         self.w1 = nn.Parameter(torch.empty(experts, inter, dim))
         self.w2 = nn.Parameter(torch.empty(experts, dim, inter))
         self.w3 = nn.Parameter(torch.empty(experts, inter, dim))
+        # (rows, columns): w1 and w3 are stored in blocks (kernels.moe.block_rows) for the fused kernels;
+        # None: row-major. Only `block_w13` sets it; checkpoints are always row-major.
+        self.w13_block: tuple[int, int] | None = None
+
+    def block_w13(self, block: tuple[int, int]) -> None:
+        """Store w1 and w3 in `block` blocks, in place (see kernels.moe.block_rows)."""
+        if self.w13_block is not None:
+            raise RuntimeError(f"w1 and w3 are already stored in {self.w13_block} blocks")
+        with torch.no_grad():
+            for name in ("w1", "w3"):
+                weight = getattr(self, name)
+                weight.copy_(fused_moe_kernels.block_rows(weight, block))
+        self.w13_block = block
 
     def fused_scales(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """Per-output-channel scales of w1, w2, w3 for the fused kernel (None: weights are not quantized)."""
         return None
 
+    def stored_weight(self, name: str, index: Tensor | int | slice) -> Tensor:
+        """getattr(self, name)[index], row-major whatever the storage."""
+        weight = getattr(self, name)[index]
+        if self.w13_block is not None and name in ("w1", "w3"):
+            weight = fused_moe_kernels.unblock_rows(weight, self.w13_block)
+        return weight
+
     def expert_weight(self, name: str, index: Tensor | int | slice, dtype: torch.dtype
                       ) -> tuple[Tensor, Tensor | None]:
         """Weights of the selected experts in `dtype`, and per-output-channel scales if quantized."""
-        return getattr(self, name)[index], None
+        return self.stored_weight(name, index), None
 
     def forward(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor:
         """sum_k expert_weights[n, k] * expert_{expert_indices[n, k]}(x[n]); an id < 0 is no expert (its
@@ -210,7 +230,7 @@ class ConditionalFeedForward(nn.Module):
         num_experts = self.w1.shape[0]
         if num_tokens <= self.fused_max_tokens and fused_moe_kernels.available(x):
             return fused_moe_kernels.fused_moe(x, self.w1, self.w2, self.w3, expert_weights, expert_indices,
-                                               self.fused_scales())
+                                               self.fused_scales(), w13_block=self.w13_block)
         expert_indices = expert_indices.clamp(min=0)  # a slot of no expert: expert 0 at weight 0
         if num_tokens * top_k < num_experts:
             return self._gathered(x, expert_weights, expert_indices)

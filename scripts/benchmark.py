@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from gpt_fast_mixtral import quantize  # noqa: E402
 from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
@@ -241,6 +242,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
     shard = None
     if options.parallel:
         shard = partial(apply_tensor_parallel, rank=rank, world_size=world_size, mode=options.parallel)
+    if not options.int8_w13_blocks:
+        quantize.INT8_W13_BLOCK = None  # the Engine then keeps the int8 experts' w1 / w3 row-major
     build_start = time.perf_counter()
     if options.checkpoint_path:
         # Each rank copies only its shards to its GPU (the replicated weights move with the model after).
@@ -314,6 +317,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "fused_max_tokens": experts_module(engine.model).fused_max_tokens,
         "grouped_min_slots": moe_kernels.DEFAULT_CONFIG.grouped_min_slots,
         "grouped_int8_fp16": moe_kernels.DEFAULT_CONFIG.grouped_int8_fp16,
+        "int8_w13_block": experts_module(engine.model).w13_block,
         "fused_router": TransformerBlock.fused_router,
         "compiled_prefill_ops": FusedOnGpu.enabled,
         "fused_rope_cache": options.fused_rope_cache,
@@ -433,6 +437,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--int8-fp16", action=argparse.BooleanOptionalAction, default=None,
                         help="int8 prefill experts on float16 tensor cores, activations scaled per row "
                              "(default: kernels.moe's grouped_int8_fp16, on)")
+    parser.add_argument("--int8-w13-blocks", action=argparse.BooleanOptionalAction, default=True,
+                        help="the int8 experts' gate and up weights stored in blocks on the GPU "
+                             "(gpt_fast_mixtral.quantize.INT8_W13_BLOCK; default on)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the kernels of 20 decode steps")
     parser.add_argument("--compile-cache", action="store_true",

@@ -40,15 +40,23 @@ def moe_inputs(tokens: int, experts: int, top_k: int, dim: int, inter: int, seed
     return x, w1, w2, w3, weights, ids
 
 
-def check_moe(name: str, config: moe.MoEConfig, shapes: list[tuple[int, ...]]) -> None:
+def check_moe(name: str, config: moe.MoEConfig, shapes: list[tuple[int, ...]],
+              block: tuple[int, int] | None = None) -> None:
+    """block: w1 and w3 go to the kernels stored in blocks (moe.block_rows)."""
+    def stored(w):
+        return w if block is None else moe.block_rows(w, block)
+
     for shape in shapes:
         x, w1, w2, w3, weights, ids = moe_inputs(*shape, seed=sum(shape))
-        error = relative_error(moe.fused_moe(x, w1, w2, w3, weights, ids, config=config),
+        error = relative_error(moe.fused_moe(x, stored(w1), w2, stored(w3), weights, ids, config=config,
+                                             w13_block=block),
                                moe.reference_moe(x, w1, w2, w3, weights, ids))
         (q1, s1), (q2, s2), (q3, s3) = (quantize_per_channel(w) for w in (w1, w2, w3))
-        error_int8 = relative_error(moe.fused_moe(x, q1, q2, q3, weights, ids, scales=(s1, s2, s3), config=config),
+        error_int8 = relative_error(moe.fused_moe(x, stored(q1), q2, stored(q3), weights, ids, scales=(s1, s2, s3),
+                                                  config=config, w13_block=block),
                                     moe.reference_moe(x, q1, q2, q3, weights, ids, scales=(s1, s2, s3)))
-        print(f"{name} {shape}: float32 {error:.1e}, int8 {error_int8:.1e}")
+        print(f"{name}{'' if block is None else f' {block} blocks'} {shape}: float32 {error:.1e}, "
+              f"int8 {error_int8:.1e}")
         assert error < TOLERANCE and error_int8 < TOLERANCE, name
 
 
@@ -199,6 +207,13 @@ def main() -> None:
     check_moe("gemv", moe.MoEConfig(**gemv), [(3, 5, 3, 96, 200)])
     check_moe("gemv persistent", moe.MoEConfig(gemv_programs=7, **gemv), [(3, 5, 3, 96, 200)])
     check_moe("gemv no magic", moe.MoEConfig(int8_magic=False, **gemv), [(1, 8, 2, 96, 64)])
+    # w1 / w3 in blocks: tiles narrower than a block (grouped 32 of 64) and as wide (gemv 32, tiled 64)
+    check_moe("tiled", moe.MoEConfig(gemv_max_slots=0), [(17, 8, 2, 128, 96)], block=(8, 64))
+    check_moe("grouped", moe.MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_int8_fp16=False, **small_tiles),
+              [(50, 8, 2, 64, 128)], block=(8, 64))
+    check_moe("grouped swap_ab", moe.MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_swap_ab=True,
+                                               **small_tiles), [(3, 5, 3, 96, 200)], block=(4, 32))
+    check_moe("gemv", moe.MoEConfig(**gemv), [(3, 5, 3, 96, 200)], block=(4, 32))
     check_rows_to_fp16()
     check_grouped_int8_fp16()
     check_int8_linear()

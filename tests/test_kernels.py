@@ -16,6 +16,7 @@ from gpt_fast_mixtral.kernels.attention import (
 from gpt_fast_mixtral.kernels.linear import LinearConfig, int8_linear, reference_int8_linear
 from gpt_fast_mixtral.kernels.moe import (
     MoEConfig,
+    block_rows,
     fused_moe,
     group_slots,
     reference_group_slots,
@@ -99,6 +100,22 @@ def test_one_expert_taking_more_tokens_than_a_block():
     indices = torch.stack([torch.zeros(50, dtype=torch.long), torch.full((50,), 3)], dim=1).cuda()
     got = fused_moe(x, w1, w2, w3, weights, indices)
     assert relative_error(got, reference_moe(x, w1, w2, w3, weights, indices)) < 1e-5
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("shape,block", [(shape, (8, 32)) for shape in SHAPES] + [
+    ((1, 8, 2, 1024, 512), (8, 512)), ((300, 8, 2, 1024, 512), (8, 512))])  # the engines' block
+def test_fused_moe_reads_gate_and_up_weights_stored_in_blocks(shape, block, path):
+    x, w1, w2, w3, weights, indices = make_inputs(*shape, torch.bfloat16, seed=11 + sum(shape))
+    (q1, s1), (q2, s2), (q3, s3) = (quantize_per_channel(w) for w in (w1, w2, w3))
+    got = fused_moe(x, block_rows(q1, block), q2, block_rows(q3, block), weights, indices, scales=(s1, s2, s3),
+                    config=PATHS[path], w13_block=block)
+    expected = reference_moe(x, q1, q2, q3, weights, indices, scales=(s1, s2, s3))
+    assert relative_error(got, expected) < 1e-2
+    float_got = fused_moe(x.float(), block_rows(w1.float(), block), w2.float(), block_rows(w3.float(), block),
+                          weights.float(), indices, config=PATHS[path], w13_block=block)
+    assert relative_error(float_got, reference_moe(x.float(), w1.float(), w2.float(), w3.float(), weights.float(),
+                                                   indices)) < 1e-5
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))

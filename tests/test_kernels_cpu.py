@@ -23,6 +23,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 triton = pytest.importorskip("triton")
 
 from gpt_fast_mixtral.kernels import attention, linear, moe, router  # noqa: E402
+from gpt_fast_mixtral.quantize import INT8_W13_BLOCK  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOPPER_SHARED_MEMORY = 232448  # bytes per block on sm_90 (227 KB)
@@ -80,12 +81,15 @@ def test_grouped_expert_kernels_compile_to_pipelined_tensor_core_code(kernel: st
                                                                       swap_ab: bool, even_k: bool) -> None:
     config = moe.MoEConfig()
     fn = moe._grouped_gate_up_kernel if kernel == "gate_up" else moe._grouped_down_kernel
+    blocks = dict(BR=0, BC=0) if kernel == "gate_up" else {}
+    if kernel == "gate_up" and weights == "i8" and even_k:  # int8 engines store w1 / w3 in blocks
+        blocks = dict(zip(("BR", "BC"), INT8_W13_BLOCK, strict=True))
     compiled = compile_for_hopper(
         fn, GROUPED_TYPES[kernel](weights, act),
         dict(HAS_SCALES=weights == "i8", PRECISION="tf32", MAGIC=config.int8_magic, EVEN_K=even_k,
              BLOCK_M=config.grouped_block_m, BLOCK_K=config.grouped_block_k, SWAP_AB=swap_ab,
              BLOCK_N=config.grouped_block_n if kernel == "gate_up" else config.grouped_down_block_n,
-             ROW_SCALE=act == "fp16"),
+             ROW_SCALE=act == "fp16", **blocks),
         num_warps=config.grouped_warps, num_stages=config.grouped_stages)
     ptx = compiled.asm["ptx"]
     assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY
@@ -104,14 +108,17 @@ def test_prefill_moe_helper_kernels_compile() -> None:
                        dict(TOP_K=2, BLOCK=1024))
 
 
+@pytest.mark.parametrize("blocked", [False, True])  # w1 / w3 row-major, or in the int8 engines' blocks
 @pytest.mark.parametrize("persistent", [False, True])
-def test_matrix_vector_expert_kernels_compile(persistent: bool) -> None:
+def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool) -> None:
     config = moe.MoEConfig()
     common = dict(HAS_SCALES=True, MAGIC=True, PERSISTENT=persistent)
+    blocks = dict(zip(("BR", "BC"), INT8_W13_BLOCK if blocked else (0, 0), strict=True))
     gate_up = compile_for_hopper(
         moe._gate_up_gemv_kernel, ["*bf16", "*i8", "*i8", "*bf16", "*bf16", "*bf16", "*i32", "i32", "i32", "i32",
                                    "i32", "i32", "i64", "i32", "i32", "i32"],
-        dict(BLOCK_I=config.gemv_block_i, BLOCK_D=config.gemv_block_d, **common), num_warps=config.gemv_warps)
+        dict(BLOCK_I=config.gemv_block_i, BLOCK_D=min(config.gemv_block_d, INT8_W13_BLOCK[1]) if blocked
+             else config.gemv_block_d, **common, **blocks), num_warps=config.gemv_warps)
     down = compile_for_hopper(
         moe._down_gemv_kernel, ["*bf16", "*i8", "*bf16", "*fp32", "*i32", "*bf16", "i32", "i32", "i32", "i32",
                                 "i64", "i32", "i32", "i32", "i32"],

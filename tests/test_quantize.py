@@ -12,9 +12,11 @@ import torch
 
 from gpt_fast_mixtral.checkpoint import CheckpointError, convert_checkpoint, load_model
 from gpt_fast_mixtral.generate import Engine, SamplingParams
+from gpt_fast_mixtral.kernels.moe import block_rows, unblock_rows
 from gpt_fast_mixtral.quantize import (
     ConditionalFeedForwardInt8,
     WeightOnlyInt8Linear,
+    block_int8_experts,
     quantize_checkpoint,
     quantize_per_channel,
 )
@@ -198,3 +200,48 @@ def test_quantize_cli_writes_model_int8_and_fails_cleanly_on_a_missing_file(floa
     assert "Traceback" not in stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "does not exist" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Blocked storage of w1 / w3 (what GPU engines use for the decode kernels).
+
+
+def test_block_rows_stores_each_block_contiguously_and_unblock_rows_inverts_it():
+    weight = torch.arange(2 * 8 * 12, dtype=torch.int32).view(2, 8, 12)
+    blocked = block_rows(weight, (4, 4))
+    assert blocked.shape == weight.shape and blocked.is_contiguous()
+    # expert 1, row block 1, column block 2: rows 4..7, columns 8..11, row after row
+    flat = blocked[1].flatten()
+    block_index = 1 * (12 // 4) + 2
+    assert torch.equal(flat[block_index * 16:(block_index + 1) * 16], weight[1, 4:8, 8:12].flatten())
+    assert torch.equal(unblock_rows(blocked, (4, 4)), weight)
+    assert torch.equal(unblock_rows(blocked[1], (4, 4)), weight[1])  # one expert indexed out
+    assert torch.equal(unblock_rows(blocked[torch.tensor([[1, 0]])], (4, 4)), weight[torch.tensor([[1, 0]])])
+
+
+@pytest.mark.parametrize("block", [(3, 4), (4, 5), (16, 4), (4, 8)])
+def test_block_rows_refuses_blocks_that_do_not_tile_the_weights(block):
+    with pytest.raises(ValueError, match="block"):
+        block_rows(torch.zeros(2, 8, 12), block)
+
+
+def test_blocked_gate_and_up_weights_give_the_same_logits(int8_checkpoint):
+    """The PyTorch expert paths (gathered, dense, grouped by expert) read blocked w1 / w3 through
+    expert_weight: logits equal the row-major model's, for a prompt and for decode steps."""
+    plain, blocked = (load_model(int8_checkpoint, dtype=torch.float32) for _ in range(2))
+    assert block_int8_experts(blocked) == 0  # on the CPU nothing changes
+    experts = [m for m in blocked.modules() if isinstance(m, ConditionalFeedForwardInt8)]
+    w1 = experts[0].w1.clone()
+    for module in experts:
+        module.block_w13((8, 16))
+    assert not torch.equal(experts[0].w1, w1)
+    with pytest.raises(RuntimeError, match="already"):
+        experts[0].block_w13((8, 16))
+    for model in (plain, blocked):
+        model.setup_caches(2, 128)
+    generator = torch.Generator().manual_seed(0)
+    for length in (100, 6, 1):  # grouped by expert, dense, gathered
+        tokens = torch.randint(3, plain.args.vocab_size, (2, length), generator=generator)
+        positions = torch.arange(length).expand(2, length) + (0 if length == 100 else 100)
+        with torch.inference_mode():
+            assert torch.equal(blocked(tokens, positions), plain(tokens, positions))
