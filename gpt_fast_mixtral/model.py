@@ -186,6 +186,9 @@ class ConditionalFeedForward(nn.Module):
     # 2048 tokens 119 ms to first token that way. The grouped kernels alone take 3.26 ms per layer at 2048
     # tokens; whether they beat cuBLAS end to end in bf16 is not yet measured.
     fused_max_tokens = 512
+    # (rows, columns): w1 and w3 are stored in blocks (kernels.moe.block_rows) for the fused kernels;
+    # None: row-major. Only `block_w13` sets it (on the instance); checkpoints are always row-major.
+    w13_block: tuple[int, int] | None = None
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -193,9 +196,6 @@ class ConditionalFeedForward(nn.Module):
         self.w1 = nn.Parameter(torch.empty(experts, inter, dim))
         self.w2 = nn.Parameter(torch.empty(experts, dim, inter))
         self.w3 = nn.Parameter(torch.empty(experts, inter, dim))
-        # (rows, columns): w1 and w3 are stored in blocks (kernels.moe.block_rows) for the fused kernels;
-        # None: row-major. Only `block_w13` sets it; checkpoints are always row-major.
-        self.w13_block: tuple[int, int] | None = None
 
     def block_w13(self, block: tuple[int, int]) -> None:
         """Store w1 and w3 in `block` blocks, in place (see kernels.moe.block_rows)."""

@@ -68,7 +68,6 @@ class ConditionalFeedForwardInt8(ConditionalFeedForward):
 
     def __init__(self, experts: int, inter: int, dim: int, device: torch.device | None = None) -> None:
         nn.Module.__init__(self)
-        self.w13_block = None
         shapes = {"w1": (experts, inter, dim), "w2": (experts, dim, inter), "w3": (experts, inter, dim)}
         for name, shape in shapes.items():
             self.register_buffer(name, torch.empty(shape, dtype=torch.int8, device=device))

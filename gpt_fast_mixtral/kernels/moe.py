@@ -614,13 +614,12 @@ def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Te
     s1, s2, s3 = scales if has_scales else (w1, w2, w3)  # placeholders, never read without scales
     ieee = x.dtype == torch.float32
     c = config
-    br, bc = w13_block or (0, 0)
     _gate_up_kernel[(num_experts, triton.cdiv(inter, c.gate_up_block_i))](
         x, w1, w3, s1, s3, h, slot_token, offsets, counts,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
         HAS_SCALES=has_scales, IEEE=ieee, MAGIC=c.int8_magic, BLOCK_T=c.block_t, BLOCK_I=c.gate_up_block_i,
-        BLOCK_D=_block_cols(c.gate_up_block_d, w13_block), BR=br, BC=bc, num_warps=c.gate_up_warps,
-        num_stages=c.gate_up_stages)
+        BLOCK_D=_block_cols(c.gate_up_block_d, w13_block), **_block_args(w13_block),
+        num_warps=c.gate_up_warps, num_stages=c.gate_up_stages)
     _down_kernel[(num_experts, triton.cdiv(dim, c.down_block_o), c.split)](
         h, w2, s2, y, order, routing_weights.flatten().contiguous(), offsets, counts,
         dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
@@ -652,8 +651,8 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
         x, w1, w3, s1, s3, h, experts, top_k, gate_up_tiles,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
         HAS_SCALES=has_scales, MAGIC=c.int8_magic, BLOCK_I=block_i,
-        BLOCK_D=_block_cols(c.gemv_block_d, w13_block), PERSISTENT=persistent, BR=(w13_block or (0, 0))[0],
-        BC=(w13_block or (0, 0))[1], num_warps=c.gemv_warps)
+        BLOCK_D=_block_cols(c.gemv_block_d, w13_block), PERSISTENT=persistent, **_block_args(w13_block),
+        num_warps=c.gemv_warps)
     _down_gemv_kernel[(min(down_tiles, c.gemv_programs),) if persistent else (slots, o_blocks, c.gemv_split)](
         h, w2, s2, y, experts, routing_weights.flatten().contiguous(), down_tiles,
         dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
@@ -748,8 +747,7 @@ def _fused_moe_grouped(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_we
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
         HAS_SCALES=has_scales, PRECISION=precision, MAGIC=c.int8_magic, EVEN_K=dim % block_k == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_cols(block_k, w13_block), SWAP_AB=c.grouped_swap_ab,
-        ROW_SCALE=fp16, BR=(w13_block or (0, 0))[0], BC=(w13_block or (0, 0))[1], num_warps=c.grouped_warps,
-        num_stages=c.grouped_stages)
+        ROW_SCALE=fp16, **_block_args(w13_block), num_warps=c.grouped_warps, num_stages=c.grouped_stages)
     if fp16:  # bfloat16 h rows -> scaled float16 rows, in place
         h, h_scale = rows_to_fp16(h, out=h.view(torch.float16))
     _grouped_down_kernel[(num_m_tiles * triton.cdiv(dim, down_block_n),)](
@@ -790,6 +788,12 @@ def unblock_rows(w: Tensor, block: tuple[int, int]) -> Tensor:
     (rows, cols), (br, bc) = w.shape[-2:], block
     lead = w.shape[:-2]
     return w.reshape(*lead, rows // br, cols // bc, br, bc).transpose(-3, -2).reshape(w.shape)
+
+
+def _block_args(block: tuple[int, int] | None) -> dict[str, int]:
+    """The gate_up kernels' BR / BC constexprs for w1 / w3 stored in `block` blocks (0, 0: row-major)."""
+    rows, cols = block or (0, 0)
+    return {"BR": rows, "BC": cols}
 
 
 def _block_cols(cols: int, block: tuple[int, int] | None) -> int:
