@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/check_fast_paths.sh OUTDIR tests     # GPU tests of every kernel path (~2 min)
 #     bash benchmarks/check_fast_paths.sh OUTDIR sweeps    # kernels alone: expert gemv grids, prefill tiles, int8 linear
-#     bash benchmarks/check_fast_paths.sh OUTDIR decode    # benchmark: default vs --no-fused-router, --fused-rope-cache
+#     bash benchmarks/check_fast_paths.sh OUTDIR decode    # benchmark: default vs --no-fused-router, --no-fused-rope-cache
 #     bash benchmarks/check_fast_paths.sh OUTDIR prefill   # benchmark: time to first token, grouped GEMM prefill
 #
 # Prints a table last; logs and JSON go to OUTDIR. Each part runs its commands under a time limit.
@@ -47,7 +47,7 @@ sweeps)
 decode)
     bench int8_default --precision int8 --runs 3 --ttft-lengths 128
     bench int8_unfused_router --precision int8 --runs 3 --ttft-lengths 128 --no-fused-router
-    bench int8_fused_rope_cache --precision int8 --runs 3 --ttft-lengths 128 --fused-rope-cache
+    bench int8_unfused_rope_cache --precision int8 --runs 3 --ttft-lengths 128 --no-fused-rope-cache
     table ;;
 prefill)
     bench int8_prefill_default --precision int8 --runs 1 --new-tokens 20 --ttft-lengths 512 2048 8192

@@ -24,6 +24,9 @@ class KVCache(nn.Module):
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # The decode attention kernel's per-(row, kv head) counters: zero between calls.
+        self.register_buffer("counters", torch.zeros(max_batch_size, n_kv_heads, dtype=torch.int32, device=device),
+                             persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v ([B, H, T, D]) at each row's positions; return the cache rows [B, H, S, D]."""
@@ -100,11 +103,11 @@ fused_apply_rope = FusedOnGpu(apply_rope)
 
 
 class Attention(nn.Module):
-    # One-token steps on a GPU use kernels/attention.py (False: SDPA with a mask, as prefill does).
+    # One-token steps on a GPU use kernels/attention.py (False: SDPA with a mask, as prefill does) ...
     decode_kernel = True
-    # ... and, with decode_kernel, rotate q and k and write the KV cache in one kernel. Off: no gain
-    # measured on an H200 (185.8 vs 185.3 tok/s int8, scripts/benchmark.py --fused-rope-cache).
-    fused_rope_cache = False
+    # ... and, with decode_kernel, rotate q and k, write the KV cache and attend in one kernel
+    # (rope_cache_attention; False: the rotations and cache writes are compiled PyTorch, then the kernel).
+    fused_rope_cache = True
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -121,11 +124,9 @@ class Attention(nn.Module):
         decode_kernel = seq_len == 1 and self.decode_kernel and attention_kernels.available(x)
         if decode_kernel and self.fused_rope_cache:
             cache = self.kv_cache
-            q = attention_kernels.rope_and_cache_write(
+            out = attention_kernels.rope_cache_attention(
                 self.wqkv(x).view(batch, -1), cos[:, 0, 0], sin[:, 0, 0], cache.k_cache, cache.v_cache,
-                input_pos[:, 0], self.n_heads, self.n_kv_heads, self.head_dim)
-            out = attention_kernels.decode_attention(q, cache.k_cache[:batch], cache.v_cache[:batch],
-                                                     input_pos[:, 0] + 1, self.sliding_window)
+                input_pos[:, 0], self.n_heads, self.n_kv_heads, self.head_dim, self.sliding_window, cache.counters)
             return self.wo(out.view(batch, 1, q_size))
         qkv = self.wqkv(x)
         v = qkv[..., q_size + kv_size:].view(batch, seq_len, self.n_kv_heads, self.head_dim)
@@ -147,7 +148,7 @@ class Attention(nn.Module):
         if decode_kernel:
             # Reads each row's filled slots only (the SDPA below reads all max_seq_len of them).
             out = attention_kernels.decode_attention(q[:, :, 0], keys, values, input_pos[:, 0] + 1,
-                                                     self.sliding_window)
+                                                     self.sliding_window, self.kv_cache.counters)
             return self.wo(out.view(batch, 1, q_size))
         if kv_len is not None:
             keys, values = keys[:, :, :kv_len], values[:, :, :kv_len]

@@ -263,7 +263,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
     FusedOnGpu.enabled = not options.eager_prefill_ops
     if options.fused_router is not None:
         TransformerBlock.fused_router = options.fused_router
-    Attention.fused_rope_cache = options.fused_rope_cache
+    if options.fused_rope_cache is not None:
+        Attention.fused_rope_cache = options.fused_rope_cache
     if options.grouped_min_slots is not None:
         moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
                                                          grouped_min_slots=options.grouped_min_slots)
@@ -320,7 +321,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "int8_w13_block": experts_module(engine.model).w13_block,
         "fused_router": TransformerBlock.fused_router,
         "compiled_prefill_ops": FusedOnGpu.enabled,
-        "fused_rope_cache": options.fused_rope_cache,
+        "fused_rope_cache": Attention.fused_rope_cache,
         "compile": compile_step,
         "parallel": options.parallel or "none",
         "world_size": world_size,
@@ -428,9 +429,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eager-prefill-ops", action="store_true",
                         help="prefill's rms_norm and rotary embedding as eager PyTorch ops instead of one "
                              "compiled kernel each (model.FusedOnGpu)")
-    parser.add_argument("--fused-rope-cache", action="store_true",
-                        help="rotary embedding and KV-cache write of a decode step in one kernel "
-                             "(model.Attention.fused_rope_cache)")
+    parser.add_argument("--fused-rope-cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="rotary embedding, KV-cache write and attention of a decode step in one kernel "
+                             "(default: model.Attention.fused_rope_cache, on)")
     parser.add_argument("--grouped-min-slots", type=int, default=None,
                         help="(token, k) slots from which the fused experts use the grouped GEMM kernels "
                              "(prefill experiments; with --fused-max-tokens above the prompt length)")

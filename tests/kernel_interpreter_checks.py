@@ -153,21 +153,42 @@ def check_router() -> None:
         print(f"router ({rows}, {dim}, {experts}, {top_k}): equal")
 
 
-def check_rope_and_cache() -> None:
-    for batch, n_heads, n_kv_heads, head_dim, cache_rows in [(1, 32, 8, 128, 1), (3, 4, 2, 16, 4), (2, 6, 6, 40, 2)]:
-        generator = torch.Generator().manual_seed(head_dim)
-        qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, generator=generator)
-        rope = torch.randn(50, head_dim // 2, 2, generator=generator)[torch.randint(0, 50, (batch,))]
-        positions = torch.randint(0, 50, (batch,), generator=generator)
-        caches = [torch.randn(cache_rows, n_kv_heads, 50, head_dim, generator=generator) for _ in range(2)]
+def check_decode_attention() -> None:
+    """Rows of different lengths, with and without a sliding window, in one chunk and in several (which
+    the last program combines); with the rotary embedding and cache write (rope_cache_attention)."""
+    for (batch, heads, kv_heads, slots, head_dim, lengths), window, min_chunk in [
+            ((3, 6, 2, 100, 32, [1, 37, 100]), None, 64), ((3, 6, 2, 100, 32, [1, 37, 100]), 10, 16),
+            ((2, 6, 3, 50, 12, [3, 50]), None, 16), ((2, 4, 4, 300, 64, [64, 299]), 70, 64),
+            ((1, 8, 2, 600, 16, [600]), None, 256)]:
+        generator = torch.Generator().manual_seed(slots + head_dim)
+        q = torch.randn(batch, heads, head_dim, generator=generator)
+        k, v = (torch.randn(batch + 1, kv_heads, slots, head_dim, generator=generator) for _ in range(2))
+        lengths_t = torch.tensor(lengths)
+        for b, length in enumerate(lengths):  # slots past a row's length must not be read
+            k[b, :, length:] = float("nan")
+            v[b, :, length:] = float("nan")
+        counters = torch.zeros(batch, kv_heads, dtype=torch.int32)
+        got = attention.decode_attention(q, k, v, lengths_t, window, counters, block_s=16, min_chunk=min_chunk)
+        expected = attention.reference_decode_attention(q, k[:batch], v[:batch], lengths_t, window)
+        error = relative_error(got, expected)
+        print(f"decode attention {lengths} window {window} chunks >= {min_chunk}: {error:.1e}")
+        assert error < TOLERANCE and not counters.any()
+
+        qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=generator)
+        positions = lengths_t - 1
+        rope = torch.randn(slots, head_dim // 2, 2, generator=generator)[positions]
+        caches = [torch.randn(batch + 1, kv_heads, slots, head_dim, generator=generator) for _ in range(2)]
         expected_caches = [c.clone() for c in caches]
-        got = attention.rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *caches, positions, n_heads,
-                                             n_kv_heads, head_dim)
-        expected = attention.reference_rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *expected_caches,
-                                                            positions, n_heads, n_kv_heads, head_dim)
-        assert torch.allclose(got, expected, atol=1e-6) and torch.allclose(caches[0], expected_caches[0], atol=1e-6)
+        got = attention.rope_cache_attention(qkv, rope[..., 0], rope[..., 1], *caches, positions, heads, kv_heads,
+                                             head_dim, window, block_s=16, min_chunk=min_chunk)
+        rotated_q = attention.reference_rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *expected_caches,
+                                                             positions, heads, kv_heads, head_dim)
+        expected = attention.reference_decode_attention(rotated_q, *(c[:batch] for c in expected_caches), lengths_t,
+                                                        window)
+        error = relative_error(got, expected)
+        print(f"rope, cache write and attention {lengths}: {error:.1e}")
+        assert error < TOLERANCE and torch.allclose(caches[0], expected_caches[0], atol=1e-6)
         assert torch.equal(caches[1], expected_caches[1])
-        print(f"rope and cache write ({batch}, {n_heads}, {n_kv_heads}, {head_dim}): equal")
 
 
 def check_model_decode_step() -> None:
@@ -218,7 +239,7 @@ def main() -> None:
     check_grouped_int8_fp16()
     check_int8_linear()
     check_router()
-    check_rope_and_cache()
+    check_decode_attention()
     check_rope_rows()
     check_group_slots()
     check_model_decode_step()

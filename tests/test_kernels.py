@@ -11,7 +11,7 @@ from gpt_fast_mixtral.kernels.attention import (
     decode_attention,
     reference_decode_attention,
     reference_rope_and_cache_write,
-    rope_and_cache_write,
+    rope_cache_attention,
 )
 from gpt_fast_mixtral.kernels.linear import LinearConfig, int8_linear, reference_int8_linear
 from gpt_fast_mixtral.kernels.moe import (
@@ -219,10 +219,11 @@ ATTENTION_SHAPES = [  # batch, query heads, kv heads, cache slots, head_dim, fil
 ]
 
 
+@pytest.mark.parametrize("min_chunk", [64, 256])
 @pytest.mark.parametrize("window", [None, 10, 4096])
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES)
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_decode_attention_matches_reference(shape, window, dtype, bound):
+def test_decode_attention_matches_reference(shape, window, min_chunk, dtype, bound):
     batch, heads, kv_heads, slots, head_dim, lengths = shape
     generator = torch.Generator(device="cuda").manual_seed(slots + head_dim)
     q = torch.randn(batch, heads, head_dim, device="cuda", generator=generator).to(dtype)
@@ -233,9 +234,13 @@ def test_decode_attention_matches_reference(shape, window, dtype, bound):
     for b, length in enumerate(lengths.tolist()):
         k[b, :, length:] = float("nan")
         v[b, :, length:] = float("nan")
-    got = decode_attention(q, k, v, lengths, window)
-    assert got.dtype == dtype and got.shape == q.shape
-    assert relative_error(got, reference_decode_attention(q, k, v, lengths, window)) < bound
+    expected = reference_decode_attention(q, k, v, lengths, window)
+    counters = torch.zeros(batch, kv_heads, dtype=torch.int32, device="cuda")
+    for _ in range(3):  # long rows: chunks finish in any order and the last combines; counters go back to 0
+        got = decode_attention(q, k, v, lengths, window, counters, min_chunk=min_chunk)
+        assert got.dtype == dtype and got.shape == q.shape
+        assert relative_error(got, expected) < bound
+        assert not counters.any()
 
 
 def test_model_decode_step_with_the_attention_kernel_equals_sdpa(tmp_path):
@@ -312,24 +317,29 @@ def test_model_with_the_fused_router_equals_the_plain_model(tmp_path):
     assert relative_error(logits[True], logits[False].float()) < 1e-5
 
 
-@pytest.mark.parametrize("shape", [(1, 32, 8, 128, 1), (3, 4, 2, 16, 4), (2, 6, 6, 40, 2), (8, 8, 2, 64, 8)])
+@pytest.mark.parametrize("shape", [(1, 32, 8, 128, 1, 5000), (3, 4, 2, 16, 4, 40), (2, 6, 6, 40, 2, 700),
+                                   (8, 8, 2, 64, 8, 300)])
+@pytest.mark.parametrize("window", [None, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_and_cache_write_matches_reference(shape, dtype):
-    batch, n_heads, n_kv_heads, head_dim, cache_rows = shape
+def test_rope_cache_attention_matches_reference(shape, window, dtype):
+    batch, n_heads, n_kv_heads, head_dim, cache_rows, slots = shape
     generator = torch.Generator(device="cuda").manual_seed(head_dim)
     qkv = torch.randn(batch, (n_heads + 2 * n_kv_heads) * head_dim, device="cuda", generator=generator).to(dtype)
-    table = torch.randn(50, head_dim // 2, 2, device="cuda", generator=generator)  # as model.rope_tables
-    positions = torch.randint(0, 50, (batch,), device="cuda", generator=generator)
+    table = torch.randn(slots, head_dim // 2, 2, device="cuda", generator=generator)  # as model.rope_tables
+    positions = torch.randint(0, slots, (batch,), device="cuda", generator=generator)
     rope = table[positions]
-    caches = [torch.randn(cache_rows, n_kv_heads, 50, head_dim, device="cuda", generator=generator).to(dtype)
+    caches = [torch.randn(cache_rows, n_kv_heads, slots, head_dim, device="cuda", generator=generator).to(dtype)
               for _ in range(2)]
     expected_caches = [c.clone() for c in caches]
-    got = rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *caches, positions, n_heads, n_kv_heads, head_dim)
-    expected = reference_rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *expected_caches, positions,
-                                              n_heads, n_kv_heads, head_dim)
-    # The same float32 arithmetic rounded once: equal up to fused multiply-adds.
-    bound = 1e-6 if dtype == torch.float32 else 1e-2
-    assert got.dtype == dtype and relative_error(got, expected.float()) < bound
+    got = rope_cache_attention(qkv, rope[..., 0], rope[..., 1], *caches, positions, n_heads, n_kv_heads, head_dim,
+                               window)
+    rotated_q = reference_rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *expected_caches, positions,
+                                               n_heads, n_kv_heads, head_dim)
+    expected = reference_decode_attention(rotated_q, *(c[:batch] for c in expected_caches), positions + 1, window)
+    # The same float32 rotation rounded once (equal up to fused multiply-adds), then attention.
+    bound = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == dtype and got.shape == (batch, n_heads, head_dim)
+    assert relative_error(got, expected) < bound
     assert relative_error(caches[0], expected_caches[0].float()) < bound
     assert torch.equal(caches[1], expected_caches[1])  # values are copied
 
@@ -343,6 +353,7 @@ def test_model_decode_with_the_fused_rope_and_cache_write_equals_the_plain_step(
     model = load_model(checkpoint, device="cuda", dtype=torch.float32)
     tokens = torch.randint(3, model.args.vocab_size, (2, 13), device="cuda")
     logits = {}
+    default = Attention.fused_rope_cache
     with torch.inference_mode():
         for fused in (True, False):
             model.max_batch_size = 0  # fresh caches
@@ -353,6 +364,6 @@ def test_model_decode_with_the_fused_rope_and_cache_write_equals_the_plain_step(
                 steps = [model(tokens[:, 10 + i:11 + i], torch.tensor([[10 + i], [4 + i]], device="cuda"))
                          for i in range(3)]  # rows at different lengths, three steps through the caches
             finally:
-                Attention.fused_rope_cache = False
+                Attention.fused_rope_cache = default
             logits[fused] = torch.cat(steps, dim=1)
     assert relative_error(logits[True], logits[False].float()) < 1e-5

@@ -138,10 +138,12 @@ def test_decode_kernels_compile() -> None:
                            num_warps=warps)
     compile_for_hopper(attention._rope_rows_kernel, ["*bf16", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32", "i32",
                                                      "i32", "i32", "i32", "i32"], dict(BLOCK_H=4, BLOCK_HALF=64))
-    compile_for_hopper(attention._rope_cache_kernel,
-                       ["*bf16", "*fp32", "*fp32", "*i64", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "i32",
-                        "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32"], dict(BLOCK_HALF=64),
-                       num_warps=1)
+    for rope in (False, True):
+        compile_for_hopper(attention._decode_attention_kernel,
+                           ["*bf16", "*bf16", "*bf16", "*i64", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*fp32",
+                            "*fp32"] + ["i32"] * 17,
+                           dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, BLOCK_HALF=64, SPLITS=64, MIN_CHUNK=256,
+                                SCALE=128 ** -0.5, PRECISION="tf32", ROPE=rope), num_stages=2)
     for persistent in (False, True):
         compiled = compile_for_hopper(linear._int8_linear_kernel,
                                       ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],

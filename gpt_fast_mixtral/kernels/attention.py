@@ -1,11 +1,14 @@
-"""Decode attention that reads only the filled part of the static KV cache.
+"""Decode attention that reads only the filled part of the static KV cache, in one kernel.
 
 A CUDA-graph decode step has static shapes, so SDPA over the cache reads all max_seq_len slots of every
 layer on every step (at 8k slots, 35 MB per layer for Mixtral: more than its attention weights). This
-kernel takes each row's length from a device tensor instead: programs over (row, kv head, split of the
-sequence) stop at the row's length (and start at its sliding window), each writes a partial softmax
-(max, sum, weighted values) for the group of query heads sharing the kv head, and a second kernel
-combines the splits. `reference_decode_attention` is the plain PyTorch definition it is tested against.
+kernel takes each row's length from a device tensor instead: programs over (row, kv head, chunk of the
+sequence) stop at the row's length (and start at its sliding window). A short row is one chunk, whose
+program writes the output; a long one is cut into chunks whose partial softmaxes (max, sum, weighted
+values) the last program to finish combines. `rope_cache_attention` also rotates q and k and writes the
+new key and value into the cache, so a decode step's attention between its two projections is this one
+kernel (it was five: two rotary, one cache write, attention, combine).
+`reference_decode_attention` is the plain PyTorch definition it is tested against.
 """
 
 from __future__ import annotations
@@ -45,103 +48,217 @@ def reference_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, leng
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, window, split_len,
-                      stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_pb, stride_ph,
-                      head_dim, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCK_D: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr):
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
-        length = tl.load(len_ptr + b).to(tl.int32)
-        lo = split * split_len
-        if window > 0:
-            lo = tl.maximum(lo, length - window)
-        hi = tl.minimum((split + 1) * split_len, length)
-        offs_g = tl.arange(0, BLOCK_G)
-        mask_g = offs_g < GROUP
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < head_dim
-        heads = kv_head * GROUP + offs_g
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=mask_g[:, None] & mask_d[None, :], other=0.0)
-        m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-        denom = tl.zeros((BLOCK_G,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-        kv_base = b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-        for s0 in range(lo, hi, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            mask_s = offs_s < hi
-            kv_offsets = kv_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
-            kv_mask = mask_s[:, None] & mask_d[None, :]
-            k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE
-            scores = tl.where(mask_s[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            denom = denom * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
-        partial = b * stride_pb + heads * stride_ph + split
-        tl.store(m_ptr + partial, m, mask=mask_g)
-        tl.store(l_ptr + partial, denom, mask=mask_g)
-        tl.store(acc_ptr + partial[:, None] * BLOCK_D + offs_d[None, :], acc, mask=mask_g[:, None])
+    def _rotate(x1, x2, cos, sin):
+        """The rotated halves of a head (half-split layout), in float32."""
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
     @triton.jit
-    def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, num_splits, stride_pb, stride_ph, stride_ob, stride_oh,
-                        head_dim, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-        b = tl.program_id(0)
-        head = tl.program_id(1)
-        offs = tl.arange(0, BLOCK_SPLITS)
-        mask = offs < num_splits
-        partial = b * stride_pb + head * stride_ph + offs
-        m = tl.load(m_ptr + partial, mask=mask, other=float("-inf"))
-        denom = tl.load(l_ptr + partial, mask=mask, other=0.0)
-        m_all = tl.max(m, axis=0)
-        weight = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)
-        offs_d = tl.arange(0, BLOCK_D)
-        acc = tl.load(acc_ptr + partial[:, None] * BLOCK_D + offs_d[None, :], mask=mask[:, None], other=0.0)
-        out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(denom * weight, axis=0)
-        tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-                 mask=offs_d < head_dim)
+    def _decode_attention_kernel(
+            q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, cos_ptr, sin_ptr,
+            window, head_dim, stride_qb, stride_qh, stride_len, stride_kb, stride_kh, stride_ks, stride_ob,
+            stride_oh, stride_pb, stride_ph, stride_count, stride_cos_b, stride_cos_d, stride_sin_b, stride_sin_d,
+            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr,
+            SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+            ROPE: tl.constexpr):
+        """Program (row b, kv head, split): the GROUP query heads sharing the kv head attend to one chunk
+        of the row's filled slots [start, length). The chunk length is chosen per row from its length
+        (>= MIN_CHUNK, at most SPLITS chunks), so a short row runs one program per kv head and writes its
+        output directly; otherwise every chunk writes a partial softmax (max, sum, weighted values) and
+        the last to finish (a per-(row, kv head) counter in count_ptr, left at 0) combines them.
+
+        Heads are handled as two halves of BLOCK_HALF columns (the rotary embedding's half-split layout).
+        ROPE: q_ptr holds each row's qkv projection ([Hq + 2 Hkv] heads of head_dim); the query heads are
+        rotated here (cos / sin [B, head_dim / 2]), and the chunk holding the row's new position (len_ptr
+        holds positions: length = position + 1) first writes the rotated key and the value into the
+        caches. Otherwise q_ptr holds the rotated queries [B, Hq, head_dim] and len_ptr the lengths."""
+        b = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        n_kv_heads = tl.num_programs(1)
+        length = tl.load(len_ptr + b * stride_len).to(tl.int32)
+        if ROPE:
+            length += 1
+        start = 0
+        if window > 0:
+            start = tl.maximum(length - window, 0)
+        span = length - start
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S, MIN_CHUNK)
+        active = tl.cdiv(span, chunk)
+        if split < active:
+            half = head_dim // 2
+            offs_g = tl.arange(0, BLOCK_G)
+            mask_g = offs_g < GROUP
+            heads = kv_head * GROUP + offs_g
+            offs_h = tl.arange(0, BLOCK_HALF)
+            mask_h = offs_h < half
+            q_mask = mask_g[:, None] & mask_h[None, :]
+            q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_h[None, :]
+            q1 = tl.load(q_rows, mask=q_mask, other=0.0)
+            q2 = tl.load(q_rows + half, mask=q_mask, other=0.0)
+            kv_base = b * stride_kb + kv_head.to(tl.int64) * stride_kh
+            if ROPE:
+                cos = tl.load(cos_ptr + b * stride_cos_b + offs_h * stride_cos_d, mask=mask_h, other=0.0)
+                sin = tl.load(sin_ptr + b * stride_sin_b + offs_h * stride_sin_d, mask=mask_h, other=0.0)
+                cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+                r1, r2 = _rotate(q1, q2, cos[None, :], sin[None, :])
+                q1, q2 = r1.to(q1.dtype), r2.to(q1.dtype)
+                if split == active - 1:  # this chunk ends at the new position: write its key and value
+                    row = q_ptr + b * stride_qb + (n_kv_heads * GROUP + kv_head) * stride_qh
+                    k1, k2 = _rotate(tl.load(row + offs_h, mask=mask_h, other=0.0),
+                                     tl.load(row + half + offs_h, mask=mask_h, other=0.0), cos, sin)
+                    slot = kv_base + (length - 1).to(tl.int64) * stride_ks + offs_h
+                    tl.store(k_ptr + slot, k1.to(k_ptr.dtype.element_ty), mask=mask_h)
+                    tl.store(k_ptr + slot + half, k2.to(k_ptr.dtype.element_ty), mask=mask_h)
+                    value = row + n_kv_heads * stride_qh
+                    tl.store(v_ptr + slot, tl.load(value + offs_h, mask=mask_h), mask=mask_h)
+                    tl.store(v_ptr + slot + half, tl.load(value + half + offs_h, mask=mask_h), mask=mask_h)
+                    tl.debug_barrier()  # the loop below reads that slot back
+            lo = start + split * chunk
+            hi = tl.minimum(lo + chunk, length)
+            m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+            denom = tl.zeros((BLOCK_G,), dtype=tl.float32)
+            acc1 = tl.zeros((BLOCK_G, BLOCK_HALF), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_G, BLOCK_HALF), dtype=tl.float32)
+            for s0 in range(lo, hi, BLOCK_S):
+                offs_s = s0 + tl.arange(0, BLOCK_S)
+                mask_s = offs_s < hi
+                kv_offsets = kv_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_h[None, :]
+                kv_mask = mask_s[:, None] & mask_h[None, :]
+                k1 = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+                k2 = tl.load(k_ptr + kv_offsets + half, mask=kv_mask, other=0.0)
+                v1 = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+                v2 = tl.load(v_ptr + kv_offsets + half, mask=kv_mask, other=0.0)
+                scores = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+                scores = tl.dot(q2, tl.trans(k2), scores, input_precision=PRECISION) * SCALE
+                scores = tl.where(mask_s[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, axis=1))
+                alpha = tl.exp(m - m_new)
+                p = tl.exp(scores - m_new[:, None])
+                denom = denom * alpha + tl.sum(p, axis=1)
+                acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=PRECISION)
+                acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None], input_precision=PRECISION)
+                m = m_new
+            out_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_h[None, :]
+            if active == 1:
+                tl.store(out_rows, (acc1 / denom[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+                tl.store(out_rows + half, (acc2 / denom[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+            else:
+                partial = b * stride_pb + heads * stride_ph + split
+                tl.store(m_ptr + partial, m, mask=mask_g)
+                tl.store(l_ptr + partial, denom, mask=mask_g)
+                acc_rows = acc_ptr + partial[:, None] * (2 * BLOCK_HALF) + offs_h[None, :]
+                tl.store(acc_rows, acc1, mask=mask_g[:, None])
+                tl.store(acc_rows + BLOCK_HALF, acc2, mask=mask_g[:, None])
+                # Every thread's partial is written before the counter moves (the release orders them for
+                # the program that reads them after its acquire).
+                tl.debug_barrier()
+                counter = count_ptr + b * stride_count + kv_head
+                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
+                    tl.store(counter, 0)  # ready for the next call
+                    _combine(m_ptr + b * stride_pb + kv_head * GROUP * stride_ph,
+                             l_ptr + b * stride_pb + kv_head * GROUP * stride_ph,
+                             acc_ptr + (b * stride_pb + kv_head * GROUP * stride_ph) * (2 * BLOCK_HALF),
+                             out_ptr + b * stride_ob + kv_head * GROUP * stride_oh, active, half, stride_ph,
+                             stride_oh, GROUP, BLOCK_HALF, SPLITS)
+
+    @triton.jit
+    def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, active, half, stride_ph, stride_oh, GROUP: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr, SPLITS: tl.constexpr):
+        """Merge the `active` partial softmaxes of each of the GROUP query heads (pointers at the group's
+        first head) into out. The partials are read from L2 (".cg"): other programs wrote them during
+        this kernel."""
+        offs_split = tl.arange(0, SPLITS)
+        mask_split = offs_split < active
+        offs_h = tl.arange(0, BLOCK_HALF)
+        for g in tl.static_range(GROUP):
+            row = g * stride_ph + offs_split
+            m = tl.load(m_ptr + row, mask=mask_split, other=float("-inf"), cache_modifier=".cg")
+            denom = tl.load(l_ptr + row, mask=mask_split, other=0.0, cache_modifier=".cg")
+            weight = tl.where(mask_split, tl.exp(m - tl.max(m, axis=0)), 0.0)
+            total = tl.sum(denom * weight, axis=0)
+            acc_rows = acc_ptr + row[:, None] * (2 * BLOCK_HALF) + offs_h[None, :]
+            for part in tl.static_range(2):
+                acc = tl.load(acc_rows + part * BLOCK_HALF, mask=mask_split[:, None], other=0.0,
+                              cache_modifier=".cg")
+                out = tl.sum(acc * weight[:, None], axis=0) / total
+                tl.store(out_ptr + g * stride_oh + part * half + offs_h, out.to(out_ptr.dtype.element_ty),
+                         mask=offs_h < half)
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window: int | None = None,
-                     block_s: int = 64, target_programs: int = 512) -> Tensor:
-    """Softmax attention of q [B, Hq, D] over each row's first lengths[b] cache slots (the last `window`
-    of them with a sliding window), k/v_cache [B, Hkv, S, D]; returns [B, Hq, D] in q's dtype."""
-    batch, n_heads, head_dim = q.shape
+def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window: int | None, n_heads: int,
+            head_dim: int, counters: Tensor | None, rope: tuple[Tensor, Tensor] | None, block_s: int,
+            target_programs: int, min_chunk: int) -> Tensor:
+    batch = q.shape[0]
     n_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    if n_heads % n_kv_heads or head_dim % 2:
+        raise ValueError(f"{n_heads} query heads over {n_kv_heads} kv heads of head_dim {head_dim}: the query "
+                         "heads must be a multiple of the kv heads and head_dim even")
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride() or q.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need contiguous head_dim, and k and v caches one layout")
     group = n_heads // n_kv_heads
-    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
-        raise ValueError("k_cache and v_cache must share one layout with contiguous head_dim")
-    # Enough splits to fill the GPU at the longest length for one row; splits past a row's length exit
-    # at once. Not a function of the batch size: a compiled step with a dynamic batch would recompile.
-    splits = max(1, min(triton.cdiv(max_len, block_s), target_programs // n_kv_heads))
-    split_len = triton.cdiv(triton.cdiv(max_len, splits), block_s) * block_s
-    splits = triton.cdiv(max_len, split_len)
-    q = q.contiguous()
+    # Enough chunks to fill the GPU at the longest length for one row (a power of two: the combine
+    # reads them as one block). Not a function of the batch size: a compiled step with a dynamic batch
+    # would recompile.
+    splits = triton.next_power_of_2(max(1, min(triton.cdiv(max_len, block_s), target_programs // n_kv_heads)))
+    min_chunk = triton.cdiv(max(min_chunk, block_s), block_s) * block_s
+    block_half = max(16, triton.next_power_of_2(head_dim // 2))
+    out = torch.empty(batch, n_heads, head_dim, dtype=q.dtype, device=q.device)
     m = torch.empty(batch, n_heads, splits, dtype=torch.float32, device=q.device)
     denom = torch.empty_like(m)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    acc = torch.empty(batch, n_heads, splits, block_d, dtype=torch.float32, device=q.device)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # bf16 operands ignore it
-    _split_kernel[(batch, n_kv_heads, splits)](
-        q, k_cache, v_cache, lengths, m, denom, acc, window or 0, split_len,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), m.stride(0), m.stride(1),
-        head_dim, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_S=block_s, BLOCK_D=block_d,
-        SCALE=1.0 / math.sqrt(head_dim),
-        PRECISION=precision, num_warps=4, num_stages=2)
-    out = torch.empty_like(q)
-    _combine_kernel[(batch, n_heads)](m, denom, acc, out, splits, m.stride(0), m.stride(1), out.stride(0),
-                                      out.stride(1), head_dim, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                                      BLOCK_D=block_d, num_warps=4)
+    acc = torch.empty(batch, n_heads, splits, 2 * block_half, dtype=torch.float32, device=q.device)
+    if counters is None:
+        counters = torch.zeros(batch, n_kv_heads, dtype=torch.int32, device=q.device)
+    elif counters.dtype != torch.int32 or counters.shape[0] < batch or counters.shape[1] != n_kv_heads:
+        raise ValueError(f"counters must be int32 [>= {batch}, {n_kv_heads}] zeros, got {counters.dtype} "
+                         f"{list(counters.shape)}")
+    cos, sin = rope if rope is not None else (m, m)  # placeholders, never read without ROPE
+    rows = q.view(batch, -1, head_dim) if rope is not None else q
+    _decode_attention_kernel[(batch, n_kv_heads, splits)](
+        rows, k_cache, v_cache, lengths, out, m, denom, acc, counters, cos, sin, window or 0, head_dim,
+        rows.stride(0), rows.stride(1), lengths.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), m.stride(0), m.stride(1), counters.stride(0),
+        cos.stride(0), cos.stride(-1), sin.stride(0), sin.stride(-1),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_S=block_s, BLOCK_HALF=block_half,
+        SPLITS=splits, MIN_CHUNK=min_chunk, SCALE=1.0 / math.sqrt(head_dim),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # bf16 operands ignore it
+        ROPE=rope is not None, num_warps=4, num_stages=2)
     return out
 
 
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window: int | None = None,
+                     counters: Tensor | None = None, block_s: int = 64, target_programs: int = 512,
+                     min_chunk: int = 256) -> Tensor:
+    """Softmax attention of q [B, Hq, D] over each row's first lengths[b] cache slots (the last `window`
+    of them with a sliding window), k/v_cache [B', Hkv, S, D] (B' >= B); returns [B, Hq, D] in q's dtype.
+
+    counters: int32 [>= B, Hkv] zeros that the kernel uses and leaves at zero (a static buffer in a
+    CUDA graph; allocated per call when None). A row is cut into chunks of >= min_chunk slots, at most
+    target_programs / Hkv of them."""
+    return _attend(q, k_cache, v_cache, lengths, window, q.shape[1], q.shape[2], counters, None, block_s,
+                   target_programs, min_chunk)
+
+
+def rope_cache_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                         positions: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None = None,
+                         counters: Tensor | None = None, block_s: int = 64, target_programs: int = 512,
+                         min_chunk: int = 256) -> Tensor:
+    """A decode step's attention in one kernel: rotate q and k of qkv [B, (Hq + 2 Hkv) * D] with cos, sin
+    [B, D / 2] (any strides), write k and v at positions [B] of k/v_cache [B', Hkv, S, D] (in place) and
+    attend to each row's slots up to its position: what reference_rope_and_cache_write then
+    reference_decode_attention (lengths = positions + 1) give. Returns [B, Hq, D] in qkv's dtype."""
+    if qkv.shape[-1] != (n_heads + 2 * n_kv_heads) * head_dim or k_cache.shape[1] != n_kv_heads:
+        raise ValueError(f"qkv [B, {(n_heads + 2 * n_kv_heads) * head_dim}] and caches of {n_kv_heads} kv heads "
+                         f"expected, got {list(qkv.shape)} and {list(k_cache.shape)}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    return _attend(qkv, k_cache, v_cache, positions, window, n_heads, head_dim, counters, (cos, sin), block_s,
+                   target_programs, min_chunk)
+
+
 # ---------------------------------------------------------------------------------------------------
-# Rotary embedding and KV-cache write of a decode step in one kernel.
+# Rotary embedding: the decode step's reference (rope_cache_attention does it in its kernel) and prefill's
+# kernel.
 
 def reference_rope_and_cache_write(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                                    positions: Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> Tensor:
@@ -158,66 +275,6 @@ def reference_rope_and_cache_write(qkv: Tensor, cos: Tensor, sin: Tensor, k_cach
     rows = torch.arange(batch, device=qkv.device)
     k_cache[rows, :, positions] = k
     v_cache[rows, :, positions] = v.reshape(batch, n_kv_heads, head_dim)
-    return q
-
-
-if triton is not None:
-
-    @triton.jit
-    def _rotate(x1, x2, cos, sin):
-        """The rotated halves of a head (half-split layout), in float32."""
-        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
-
-    @triton.jit
-    def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ptr, v_ptr, n_heads, n_kv_heads,
-                           head_dim, stride_qkv, stride_cos_b, stride_cos_d, stride_sin_b, stride_sin_d,
-                           stride_qob, stride_qoh, stride_kb, stride_kh, stride_ks, BLOCK_HALF: tl.constexpr):
-        """Program (row, head): heads [0, Hq) rotate a query head into q_out; heads [Hq, Hq + Hkv) rotate
-        a key head and write it and the matching value head into the caches at the row's position."""
-        b = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
-        half = head_dim // 2
-        offs = tl.arange(0, BLOCK_HALF)
-        mask = offs < half
-        cos = tl.load(cos_ptr + b * stride_cos_b + offs * stride_cos_d, mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + b * stride_sin_b + offs * stride_sin_d, mask=mask, other=0.0).to(tl.float32)
-        row = qkv_ptr + b * stride_qkv
-        kv_head = head - n_heads
-        is_key = kv_head >= 0
-        src = tl.where(is_key, n_heads * head_dim + kv_head * head_dim, head * head_dim)
-        x1 = tl.load(row + src + offs, mask=mask, other=0.0)
-        x2 = tl.load(row + src + half + offs, mask=mask, other=0.0)
-        out1, out2 = _rotate(x1, x2, cos, sin)
-        out1, out2 = out1.to(x1.dtype), out2.to(x1.dtype)
-        if is_key:
-            position = tl.load(pos_ptr + b).to(tl.int64)
-            slot = b * stride_kb + kv_head.to(tl.int64) * stride_kh + position * stride_ks
-            tl.store(k_ptr + slot + offs, out1.to(k_ptr.dtype.element_ty), mask=mask)
-            tl.store(k_ptr + slot + half + offs, out2.to(k_ptr.dtype.element_ty), mask=mask)
-            value = row + (n_heads + n_kv_heads) * head_dim + kv_head * head_dim
-            for d0 in range(0, head_dim, BLOCK_HALF):  # the value head, copied as it is
-                offs_v = d0 + offs
-                tl.store(v_ptr + slot + offs_v, tl.load(value + offs_v, mask=offs_v < head_dim),
-                         mask=offs_v < head_dim)
-        else:
-            out = q_out_ptr + b * stride_qob + head * stride_qoh
-            tl.store(out + offs, out1, mask=mask)
-            tl.store(out + half + offs, out2, mask=mask)
-
-
-def rope_and_cache_write(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                         positions: Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> Tensor:
-    """The fused kernel: what reference_rope_and_cache_write does and returns (head_dim even)."""
-    batch = qkv.shape[0]
-    if qkv.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
-        raise ValueError("qkv rows and the caches' head_dim must be contiguous, k and v caches alike")
-    q = torch.empty(batch, n_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(batch, n_heads + n_kv_heads)](
-        qkv, cos, sin, positions, q, k_cache, v_cache, n_heads, n_kv_heads, head_dim,
-        qkv.stride(0), cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        BLOCK_HALF=max(16, triton.next_power_of_2(head_dim // 2)), num_warps=1)
     return q
 
 

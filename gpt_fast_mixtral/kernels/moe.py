@@ -635,7 +635,7 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     num_tokens, top_k = expert_indices.shape
     num_experts, inter, dim = w1.shape
     slots = num_tokens * top_k
-    experts = expert_indices.flatten().to(torch.int32)
+    experts = expert_indices.reshape(-1).contiguous()  # int32 or int64: a cast was one more kernel per layer
     x = x.contiguous()
     h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(c.gemv_split, slots, dim, dtype=torch.float32, device=x.device)

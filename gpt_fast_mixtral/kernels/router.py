@@ -121,7 +121,8 @@ if triton is not None:
             chosen_ids = tl.where(offs_k == k, best_id, chosen_ids)
             probs = tl.where(offs_e == best_id, -1.0, probs)
         mask_k = offs_k < TOP_K
-        tl.store(weights_ptr + row * TOP_K + offs_k, chosen / tl.sum(chosen, axis=0), mask=mask_k)
+        weights = chosen / tl.sum(chosen, axis=0)
+        tl.store(weights_ptr + row * TOP_K + offs_k, weights.to(weights_ptr.dtype.element_ty), mask=mask_k)
         tl.store(ids_ptr + row * TOP_K + offs_k, chosen_ids.to(tl.int64), mask=mask_k)
 
 
@@ -132,8 +133,9 @@ def residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: floa
     num_experts = gate_weight.shape[0]
     h = torch.empty_like(x)
     normed = torch.empty_like(x)
-    # float32 while the kernel sums and divides; the caller gets x's dtype like the reference.
-    weights = torch.empty(num_rows, top_k, dtype=torch.float32, device=x.device)
+    # Summed and divided in float32, stored rounded to x's dtype like the reference (a separate cast was
+    # one more kernel per layer in a decode step).
+    weights = torch.empty(num_rows, top_k, dtype=x.dtype, device=x.device)
     ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=x.device)
     if num_rows:
         # One pass over the row while the router weights fit in registers (Mixtral: 8 x 4096), else chunks.
@@ -145,4 +147,4 @@ def residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: floa
             x.stride(0), delta.stride(0), h.stride(0), normed.stride(0), gate_weight.stride(0),
             TOP_K=top_k, BLOCK_K=max(2, triton.next_power_of_2(top_k)),
             BLOCK_D=block_d, BLOCK_E=block_e, SINGLE_PASS=single, num_warps=16 if single else 4)
-    return h, normed, weights.to(x.dtype), ids
+    return h, normed, weights, ids
