@@ -144,7 +144,8 @@ if triton is not None:
                 tl.store(out_rows, (acc1 / denom[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
                 tl.store(out_rows + half, (acc2 / denom[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
             else:
-                partial = b * stride_pb + heads * stride_ph + split
+                first = b * stride_pb + kv_head * GROUP * stride_ph  # the group's first head, chunk 0
+                partial = first + offs_g * stride_ph + split
                 tl.store(m_ptr + partial, m, mask=mask_g)
                 tl.store(l_ptr + partial, denom, mask=mask_g)
                 acc_rows = acc_ptr + partial[:, None] * (2 * BLOCK_HALF) + offs_h[None, :]
@@ -156,9 +157,7 @@ if triton is not None:
                 counter = count_ptr + b * stride_count + kv_head
                 if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
                     tl.store(counter, 0)  # ready for the next call
-                    _combine(m_ptr + b * stride_pb + kv_head * GROUP * stride_ph,
-                             l_ptr + b * stride_pb + kv_head * GROUP * stride_ph,
-                             acc_ptr + (b * stride_pb + kv_head * GROUP * stride_ph) * (2 * BLOCK_HALF),
+                    _combine(m_ptr + first, l_ptr + first, acc_ptr + first * (2 * BLOCK_HALF),
                              out_ptr + b * stride_ob + kv_head * GROUP * stride_oh, active, half, stride_ph,
                              stride_oh, GROUP, BLOCK_HALF, SPLITS)
 
