@@ -117,8 +117,9 @@ def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool) -
     gate_up = compile_for_hopper(
         moe._gate_up_gemv_kernel, ["*bf16", "*i8", "*i8", "*bf16", "*bf16", "*bf16", "*i32", "i32", "i32", "i32",
                                    "i32", "i32", "i64", "i32", "i32", "i32"],
-        dict(BLOCK_I=config.gemv_block_i, BLOCK_D=min(config.gemv_block_d, INT8_W13_BLOCK[1]) if blocked
-             else config.gemv_block_d, **common, **blocks), num_warps=config.gemv_warps)
+        dict(BLOCK_I=config.gemv_blocked_block_i if blocked else config.gemv_block_i,
+             BLOCK_D=min(config.gemv_block_d, INT8_W13_BLOCK[1]) if blocked else config.gemv_block_d,
+             **common, **blocks), num_warps=config.gemv_warps)
     down = compile_for_hopper(
         moe._down_gemv_kernel, ["*bf16", "*i8", "*bf16", "*fp32", "*i32", "*bf16", "i32", "i32", "i32", "i32",
                                 "i64", "i32", "i32", "i32", "i32"],
@@ -127,6 +128,9 @@ def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool) -
     for compiled in (gate_up, down):
         # 16-byte weight loads: anything narrower would leave the matrix-vector product short of bandwidth
         assert "ld.global.v4.b32" in compiled.asm["ptx"] or "ld.global.nc.v4.b32" in compiled.asm["ptx"]
+        # int8 -> float32 by int8_to_fp32's prmt into 2**23's mantissa, not by sign extension + integer add
+        assert "prmt.b32" in compiled.asm["ptx"] and "0x7540" in compiled.asm["ptx"]
+        assert "cvt.s32.s8" not in compiled.asm["ptx"]
 
 
 def test_decode_kernels_compile() -> None:
@@ -147,7 +151,7 @@ def test_decode_kernels_compile() -> None:
     for persistent in (False, True):
         compiled = compile_for_hopper(linear._int8_linear_kernel,
                                       ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
-                                      dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024,
+                                      dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048,
                                            PERSISTENT=persistent))
         assert "ld.global.v4.b32" in compiled.asm["ptx"] or "ld.global.nc.v4.b32" in compiled.asm["ptx"]
     compile_for_hopper(linear._int8_linear_kernel,

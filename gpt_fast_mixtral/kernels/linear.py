@@ -94,9 +94,11 @@ class LinearConfig:
     """Tiles for one token (CUDA-core FMAs) and for 2..16 tokens (one 16-row tensor-core tile)."""
 
     # Measured on an H200 with weights not in L2 (benchmarks/sweep_linear.py): wqkv 12.3 us, wo 8.2 us
-    # (torch.compile's fused dequantise-and-reduce: 14.4, 9.6); 16 x 512 tiles took 17 us.
-    gemv_block_n: int = 4
-    gemv_block_k: int = 1024
+    # (torch.compile's fused dequantise-and-reduce: 14.4, 9.6); 16 x 512 tiles took 17 us. Session 8, with
+    # the prmt dequantisation (kernels.moe.int8_to_fp32; benchmarks/results/h200_sweep_session8.log):
+    # 2 x 2048 tiles wqkv 10.5 / wo 7.9 / head 40.8 us against 12.0 / 8.4 / 40.8 for 4 x 1024.
+    gemv_block_n: int = 2
+    gemv_block_k: int = 2048
     gemv_warps: int = 4
     tile_block_n: int = 32
     tile_block_k: int = 256

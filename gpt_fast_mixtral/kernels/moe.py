@@ -68,12 +68,30 @@ if triton is not None:
             "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
 
     @triton.jit
+    def int8_to_fp32(w):
+        """int8 to float32, four at a time: one xor flips the four sign bits (each byte becomes w + 128),
+        one prmt per byte writes it under float32 8388608.0's exponent (0x4B0000bb = 2**23 + w + 128) and
+        one subtraction of 8388736.0 leaves w, exactly: 2.25 instructions per weight where the same trick
+        in Triton code took 3.25 (sign extension, integer add, subtraction). H200, Mixtral-8x7B int8
+        gate and up weights of two experts: 59.3 against 60.8 us (benchmarks/results/h200_micro_session8.log);
+        int8 decode 225.8 -> 234.1 tok/s with the activation load below (h200_int8_b1_session8_*.json)."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 u, hi; xor.b32 u, $4, 0x80808080; mov.b32 hi, 0x4B000000; "
+            "prmt.b32 $0, u, hi, 0x7540; prmt.b32 $1, u, hi, 0x7541; prmt.b32 $2, u, hi, 0x7542; "
+            "prmt.b32 $3, u, hi, 0x7543; sub.f32 $0, $0, 0f4B000080; sub.f32 $1, $1, 0f4B000080; "
+            "sub.f32 $2, $2, 0f4B000080; sub.f32 $3, $3, 0f4B000080; }",
+            "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+
+    @triton.jit
     def dequant(w, dtype: tl.constexpr, MAGIC: tl.constexpr):
         """w (int8 or float) as `dtype`. With MAGIC, int8 to float32 avoids the integer-to-float conversion
         (a quarter-rate instruction on Hopper): the byte goes into the low mantissa bits of 2**23
         (2**23 + 128 + w as float32, exact), and one subtraction leaves w. Measured on an H200
         (benchmarks/sweep_moe.py): matrix-vector experts 135 -> 121 us per layer; for bfloat16 tiles
-        the same trick (taking the top half of that float32) was slower than the plain conversion."""
+        the same trick (taking the top half of that float32) was slower than the plain conversion. On an
+        NVIDIA GPU the float32 case runs as int8_to_fp32's PTX (fewer instructions for the same values)."""
+        if MAGIC and w.dtype == tl.int8 and dtype == tl.float32 and _INLINE_PTX:
+            return int8_to_fp32(w)
         if MAGIC and w.dtype == tl.int8 and dtype == tl.float32:
             return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         if MAGIC and w.dtype == tl.int8 and dtype == tl.float16 and _INLINE_PTX:
@@ -283,7 +301,9 @@ if triton is not None:
         for d0 in range(0, dim_end, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < dim
-            x = tl.load(x_ptr + token * stride_x + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            # Loaded as a [1, BLOCK_D] row rather than a broadcast 1-D load: faster on an H200 (session 8, 60.8
+            # against 62.7 us, results/h200_micro_session8.log; why was not isolated: both convert its layout).
+            x = tl.load(x_ptr + token * stride_x + offs_d[None, :], mask=mask_d[None, :], other=0.0).to(tl.float32)
             w_offsets = w_base + (_w13_col(d0, BLOCK_D, BR, BC) + tl.arange(0, BLOCK_D))[None, :]
             if BR == 0:
                 w_mask = mask_i[:, None] & mask_d[None, :]
@@ -292,8 +312,8 @@ if triton is not None:
             else:  # blocks tile the weights (check_block) and BLOCK_I divides the rows (_fused_moe_gemv)
                 w1 = dequant(tl.load(w1_ptr + w_offsets), tl.float32, MAGIC)
                 w3 = dequant(tl.load(w3_ptr + w_offsets), tl.float32, MAGIC)
-            gate += tl.sum(w1 * x[None, :], axis=1)
-            up += tl.sum(w3 * x[None, :], axis=1)
+            gate += tl.sum(w1 * x, axis=1)
+            up += tl.sum(w3 * x, axis=1)
         if HAS_SCALES:
             gate *= tl.load(s1_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
             up *= tl.load(s3_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
@@ -542,6 +562,11 @@ class MoEConfig:
     # worse from 4 slots on.
     gemv_max_slots: int = 3
     gemv_block_i: int = 8
+    # Rows per gate_up program when w1 / w3 are stored in blocks (int8 engines): Mixtral's int8 MoE layer
+    # (whole fused_moe) 101.0 against 102.5 us with 8 on an H200 (session 8,
+    # benchmarks/results/h200_sweep_session8.log); down tiles as they were (every other shape tried there
+    # was slower).
+    gemv_blocked_block_i: int = 16
     gemv_block_d: int = 1024
     gemv_down_block_o: int = 8
     gemv_down_block_i: int = 512
@@ -642,8 +667,10 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     has_scales = scales is not None
     s1, s2, s3 = scales if has_scales else (w1, w2, w3)
     block_i = c.gemv_block_i
-    if w13_block is not None and inter % block_i:
-        block_i = w13_block[0]  # divides inter (check_block): the kernel reads blocked weights unmasked
+    if w13_block is not None:
+        block_i = c.gemv_blocked_block_i
+        if inter % block_i:
+            block_i = w13_block[0]  # divides inter (check_block): the kernel reads blocked weights unmasked
     i_blocks, o_blocks = triton.cdiv(inter, block_i), triton.cdiv(dim, c.gemv_down_block_o)
     persistent = c.gemv_programs > 0
     gate_up_tiles, down_tiles = slots * i_blocks, slots * o_blocks * c.gemv_split
