@@ -221,10 +221,12 @@ def profile_kernels(engine: Engine, prompt: list[list[int]], new_tokens: int, la
             print(f"per {label}: {len(kernels) / per:.0f} kernels, {gpu_us / per / 1000:.3f} ms of GPU time")
 
 
-def synthetic_prompt(length: int, vocab_size: int) -> list[int]:
-    """BOS, then ids 100, 101, ... wrapping inside the vocabulary."""
+def synthetic_prompt(length: int, vocab_size: int, row: int = 0) -> list[int]:
+    """BOS, then consecutive ids wrapping inside the vocabulary from an offset of 1009 per batch row: the
+    rows of a batch differ, so they route to different experts as real requests do (identical rows
+    would all read the same two experts per layer and overstate batched decode)."""
     token_range = min(30000, vocab_size - 100)
-    return [1] + [100 + (i % token_range) for i in range(length - 1)]
+    return [1] + [100 + (row * 1009 + i) % token_range for i in range(length - 1)]
 
 
 def experts_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -276,7 +278,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
             module.dense_max_tokens = module.fused_max_tokens = 0
         elif hasattr(module, "fused_max_tokens") and options.fused_max_tokens is not None:
             module.fused_max_tokens = options.fused_max_tokens
-    prompt = [synthetic_prompt(options.prompt_len, args.vocab_size) for _ in range(options.batch_size)]
+    prompt = [synthetic_prompt(options.prompt_len, args.vocab_size, row) for row in range(options.batch_size)]
 
     compile_start = time.perf_counter()
     time_generate(engine, prompt, 4)  # compiles (or loads from the FX graph cache) the decode step

@@ -72,6 +72,16 @@ def test_bytes_per_token_counts_a_ranks_share_plus_the_replicated_head() -> None
             assert benchmark.bytes_per_token(args, precision, 1, world_size) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("vocab_size", [32000, 512])
+def test_the_rows_of_a_batch_get_different_prompts_inside_the_vocabulary(vocab_size: int) -> None:
+    # Identical rows route to the same experts and make batched decode look faster than the ceiling.
+    rows = [benchmark.synthetic_prompt(64, vocab_size, row) for row in range(8)]
+    assert len({tuple(row) for row in rows}) == 8
+    for row in rows:
+        assert len(row) == 64 and row[0] == 1 and all(100 <= token < vocab_size for token in row[1:])
+    assert benchmark.synthetic_prompt(64, vocab_size) == rows[0]
+
+
 def test_weights_larger_than_the_free_gpu_memory_exit_with_what_to_do(monkeypatch) -> None:
     from gpt_fast_mixtral.checkpoint import meta_model
     from gpt_fast_mixtral.quantize import quantize_int8
