@@ -42,7 +42,7 @@ from gpt_fast_mixtral.model import Attention, ConditionalFeedForward, MOEFeedFor
 logger = logging.getLogger(__name__)
 
 PARALLEL_MODES = ("tp", "ep")
-ALL_REDUCES = ("one-shot", "nccl")
+ALL_REDUCES = ("push", "one-shot", "nccl")
 MAX_LISTED_WORLD_SIZE = 64
 
 
@@ -97,8 +97,9 @@ def init_process_group(device: torch.device, all_reduce: str = "one-shot") -> No
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT): NCCL when `device` is a GPU (this rank's own, by LOCAL_RANK), gloo on the CPU.
 
-    all_reduce "one-shot" (GPUs only) sends decode-sized all-reduces through symmetric memory
-    (enable_one_shot_all_reduce); "nccl" leaves every all-reduce to NCCL."""
+    all_reduce (GPUs only; see enable_one_shot_all_reduce): "push" sends decode-sized all-reduces through
+    our push kernel over symmetric memory, "one-shot" through PyTorch's symmetric-memory one-shot kernel;
+    "nccl" leaves every all-reduce to NCCL."""
     if all_reduce not in ALL_REDUCES:
         raise ValueError(f"all_reduce must be one of {', '.join(ALL_REDUCES)}, got {all_reduce!r}")
     if dist.is_initialized():
@@ -106,75 +107,124 @@ def init_process_group(device: torch.device, all_reduce: str = "one-shot") -> No
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
-        if all_reduce == "one-shot":
-            enable_one_shot_all_reduce((torch.bfloat16, torch.float16, torch.float32))
+        if all_reduce != "nccl":
+            enable_one_shot_all_reduce((torch.bfloat16, torch.float16, torch.float32), method=all_reduce)
     else:
         dist.init_process_group("gloo")
 
 
-# One-shot all-reduce (enable_one_shot_all_reduce): per process group, two symmetric-memory buffers of
-# each activation dtype, used in turn by the attention and the MoE all-reduce of a layer.
-_ONE_SHOT: dict[str, dict[torch.dtype, tuple[Tensor, Tensor]]] = {}
+# Decode-sized all-reduces in one kernel (enable_one_shot_all_reduce): per process group and activation
+# dtype, the object that runs them.
+_ONE_SHOT: dict[str, dict[torch.dtype, _PushOneShot | _SymmMemOneShot]] = {}
 ONE_SHOT_MAX_BYTES = 256 * 1024
+
+
+class _SymmMemOneShot:
+    """PyTorch's kernel (symm_mem.one_shot_all_reduce_copy_out): copy into our symmetric buffer, a barrier
+    of all ranks, then read every rank's buffer and add. Two buffers, used in turn by the attention and the
+    MoE all-reduce of a layer, so that a rank starting the next all-reduce cannot overwrite what a slower
+    peer still reads (each begins with a barrier)."""
+
+    def __init__(self, dtype: torch.dtype, group: dist.ProcessGroup, max_bytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group_name, self.buffers = group.group_name, []
+        for _ in range(2):
+            buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype, device=torch.cuda.current_device())
+            symm_mem.rendezvous(buffer, self.group_name)
+            self.buffers.append(buffer)
+
+    def fits(self, x: Tensor) -> bool:  # PyTorch's kernel refuses sizes that are not whole 4-byte words
+        return x.numel() <= self.buffers[0].numel() and x.numel() * x.element_size() % 4 == 0
+
+    def __call__(self, x: Tensor, buffer_index: int) -> Tensor:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        staging = self.buffers[buffer_index][:x.numel()].view_as(x)
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(staging, x, "sum", self.group_name, out)
+        return out
+
+
+class _PushOneShot:
+    """kernels.allreduce.PushAllReduce over a symmetric-memory receive buffer: each rank writes its part
+    into every peer's buffer and reads only its own (one NVLink latency instead of a barrier and remote
+    reads)."""
+
+    def __init__(self, dtype: torch.dtype, group: dist.ProcessGroup, max_bytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        from gpt_fast_mixtral.kernels import allreduce
+
+        device = torch.cuda.current_device()
+        capacity = max_bytes // dtype.itemsize
+        world_size = dist.get_world_size(group)
+        self.buffer = symm_mem.empty(allreduce.buffer_elements(world_size, capacity),
+                                     dtype=allreduce.bits_dtype(dtype), device=device)
+        handle = symm_mem.rendezvous(self.buffer, group.group_name)
+        self.buffer.fill_(allreduce.sentinel(dtype))  # every peer waits for all to get here before pushing
+        # every rank's address of its buffer (at the same offset into each rank's allocation as ours)
+        offset = self.buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
+        addresses = torch.tensor([base + offset for base in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        counters = torch.zeros(allreduce.PROGRAMS, dtype=torch.int32, device=device)
+        self.run = allreduce.PushAllReduce(dtype, handle.rank, world_size, capacity, addresses, counters)
+
+    def fits(self, x: Tensor) -> bool:
+        return self.run.fits(x)
+
+    def __call__(self, x: Tensor, buffer_index: int) -> Tensor:
+        return self.run(x)
+
+
+_ONE_SHOT_METHODS = {"push": _PushOneShot, "one-shot": _SymmMemOneShot}
 
 
 def enable_one_shot_all_reduce(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,),
                                group: dist.ProcessGroup | None = None,
-                               max_bytes: int = ONE_SHOT_MAX_BYTES) -> bool:
+                               max_bytes: int = ONE_SHOT_MAX_BYTES, method: str = "push") -> bool:
     """All-reduce outputs of up to `max_bytes` (a decode step's activations) in one kernel through
-    symmetric memory: every rank copies its partial sum into a buffer its peers can read over NVLink,
-    then reads all W buffers and adds them in rank order (the same sum on every rank). NCCL's ring needs
-    several kernel steps for the 8 KB of a batch-1 decode step. Larger outputs (prefill) stay on NCCL.
+    symmetric memory, which peers read and write directly over NVLink. NCCL's ring needs several kernel
+    steps for the 8 KB of a batch-1 decode step. Larger outputs (prefill) stay on NCCL.
+
+    method "push" (kernels.allreduce): every rank writes its partial sum into every rank's receive buffer
+    and waits on its own; "one-shot": PyTorch's symm_mem kernel (a barrier, then every rank reads all W
+    buffers). Both add the W parts in rank order, so every rank gets the same sum.
 
     Only for NCCL groups on GPUs: returns False and changes nothing otherwise. A collective: every rank
     calls it, after init_process_group. NVLink multicast is not needed.
     """
+    if method not in _ONE_SHOT_METHODS:
+        raise ValueError(f"method must be one of {', '.join(_ONE_SHOT_METHODS)}, got {method!r}")
     if not dist.is_initialized() or dist.get_backend(group) != "nccl":
         return False
-    # The one-shot all-reduce reads peers' memory directly; it needs no NVLink multicast object, and on
-    # shared hosts creating one can take the GPUs out of service: unless the user chose otherwise, the
-    # allocator is told not to (it reads this when it first allocates).
+    # Both read or write peers' memory directly; neither needs an NVLink multicast object, and on shared
+    # hosts creating one can take the GPUs out of service: unless the user chose otherwise, the allocator
+    # is told not to (it reads this when it first allocates).
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    import torch.distributed._symmetric_memory as symm_mem
-
-    group_name = (group or dist.group.WORLD).group_name
-    buffers = {}
+    group = group or dist.group.WORLD
     try:
-        for dtype in dtypes:
-            pair = []
-            for _ in range(2):
-                buffer = symm_mem.empty(max_bytes // dtype.itemsize, dtype=dtype,
-                                        device=torch.cuda.current_device())
-                symm_mem.rendezvous(buffer, group_name)
-                pair.append(buffer)
-            buffers[dtype] = tuple(pair)
+        runners = {dtype: _ONE_SHOT_METHODS[method](dtype, group, max_bytes) for dtype in dtypes}
+        torch.cuda.synchronize()  # the push buffers hold their sentinel before the agreement below ends
         ready = 1
     except Exception as error:  # e.g. GPUs without peer access: NCCL does all the all-reduces then
-        logger.warning("one-shot all-reduce unavailable on rank %d (%s: %s); all-reduces use NCCL",
+        logger.warning("%s all-reduce unavailable on rank %d (%s: %s); all-reduces use NCCL", method,
                        dist.get_rank(), type(error).__name__, error)
         ready = 0
-    # Every rank must choose alike, or one would wait in a one-shot barrier while another runs NCCL.
+    # Every rank must choose alike, or one would wait in a one-shot kernel while another runs NCCL.
     agreed = torch.tensor([ready], device=torch.cuda.current_device())
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
     if not agreed.item():
         return False
-    _ONE_SHOT[group_name] = buffers
+    _ONE_SHOT[group.group_name] = runners
     return True
 
 
 @torch.library.custom_op("gpt_fast_mixtral::one_shot_all_reduce", mutates_args=())
 def one_shot_all_reduce(x: Tensor, buffer_index: int, group_name: str) -> Tensor:
-    """Sum of x over the ranks of `group_name`, through its symmetric buffer number `buffer_index`.
+    """Sum of x over the ranks of `group_name` by the method enable_one_shot_all_reduce set up;
+    `buffer_index` (0 or 1) alternates between consecutive all-reduces (the "one-shot" method's buffers).
 
-    Opaque to torch.compile: the buffers live outside the CUDA graphs' memory pool. Consecutive
-    all-reduces alternate buffers, so a rank that starts the next one cannot overwrite what a slower
-    peer still reads (each one-shot all-reduce begins with a barrier of all ranks)."""
-    buffer = _ONE_SHOT[group_name][x.dtype][buffer_index]
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    staging = buffer[:x.numel()].view_as(x)
-    torch.ops.symm_mem.one_shot_all_reduce_copy_out(staging, x, "sum", group_name, out)
-    return out
+    Opaque to torch.compile: the buffers live outside the CUDA graphs' memory pool."""
+    return _ONE_SHOT[group_name][x.dtype](x, buffer_index)
 
 
 @one_shot_all_reduce.register_fake
@@ -265,8 +315,8 @@ def _all_reduce_output(group: dist.ProcessGroup | None, buffer_index: int):
 
     def hook(module: nn.Module, inputs: tuple[object, ...], output: Tensor) -> Tensor:
         group_name = (group or dist.group.WORLD).group_name
-        buffers = _ONE_SHOT.get(group_name, {}).get(output.dtype)
-        if buffers is not None and output.numel() <= buffers[buffer_index].numel():
+        runner = _ONE_SHOT.get(group_name, {}).get(output.dtype)
+        if runner is not None and runner.fits(output):
             return one_shot_all_reduce(output, buffer_index, group_name)
         # wait_tensor hands back a plain tensor: the AsyncCollectiveTensor subclass that funcol returns
         # would otherwise travel through the rest of the eager forward pass.

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from gpt_fast_mixtral import model as model_module  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
-from gpt_fast_mixtral.kernels import attention, linear, moe, router  # noqa: E402
+from gpt_fast_mixtral.kernels import allreduce, attention, linear, moe, router  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_per_channel  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -216,6 +216,42 @@ def check_model_decode_step() -> None:
     assert error < TOLERANCE
 
 
+def check_push_all_reduce() -> None:
+    """One rank of the push all-reduce, its W - 1 peers played by this process: their receive buffers are
+    ordinary tensors, and their pushes into ours are written before the kernel runs. Over consecutive
+    calls (all three phases, then the first again): rank 1's part reaches every buffer's slot 1 with -0.0
+    sent as +0.0, the sum is the rank-order sum, our own slots are empty again, and untouched phases stay
+    empty everywhere."""
+    world, rank, capacity = 4, 1, 600
+    for dtype in (torch.float32, torch.float16):  # (bfloat16: the interpreter rounds its casts differently)
+        bits, empty = allreduce.bits_dtype(dtype), allreduce.sentinel(dtype)
+        buffers = [torch.full((allreduce.buffer_elements(world, capacity),), empty, dtype=bits) for _ in range(world)]
+        addresses = torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64)
+        counters = torch.zeros(3, dtype=torch.int32)
+        run = allreduce.PushAllReduce(dtype, rank, world, capacity, addresses, counters, block=128)
+        generator = torch.Generator().manual_seed(0)
+        for call, numel in enumerate([capacity, 1, 257, 500]):
+            phase = call % allreduce.PHASES
+            slot = [phase * world * capacity + source * capacity for source in range(world)]
+            parts = [torch.randn(numel, generator=generator).to(dtype) for _ in range(world)]
+            parts[rank][::7] = -0.0
+            for source in range(world):
+                if source != rank:
+                    buffers[rank][slot[source]:slot[source] + numel] = parts[source].view(bits)
+            got = run(parts[rank])
+            assert torch.equal(got, allreduce.reference_all_reduce(parts)), (dtype, call)
+            assert (buffers[rank] == empty).all(), (dtype, call)
+            sent = torch.where(parts[rank] == 0, 0.0, parts[rank]).to(dtype)  # +0.0 for -0.0
+            for peer in range(world):
+                if peer != rank:
+                    received = buffers[peer][slot[rank]:slot[rank] + numel]
+                    assert torch.equal(received, sent.view(bits)), (dtype, call, peer)
+                    received.fill_(empty)  # the peer consumed it
+                assert (buffers[peer] == empty).all(), (dtype, call, peer)
+            assert counters.tolist() == [(call + 1) % allreduce.PHASES] * 3
+    print("push all-reduce: sums, resets and phases")
+
+
 def main() -> None:
     small_tiles = dict(grouped_block_m=32, grouped_block_n=32, grouped_block_k=32, grouped_down_block_n=32)
     prefill_shapes = [(3, 5, 3, 96, 200), (50, 8, 2, 64, 128)]
@@ -243,6 +279,7 @@ def main() -> None:
     check_rope_rows()
     check_group_slots()
     check_model_decode_step()
+    check_push_all_reduce()
     print("all kernel checks passed")
 
 

@@ -307,7 +307,8 @@ def test_the_fx_graph_cache_is_reused_by_the_next_process(tmp_path: Path) -> Non
     ({"converted_ckpt_dir": "x.pth", "max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
     ({"converted_ckpt_dir": "x.pth", "dtype": "int4"}, "handler.dtype must be one of"),
     ({"converted_ckpt_dir": "x.pth", "parallel_mode": "pp"}, r"handler.parallel_mode must be one of \['tp', 'ep'\]"),
-    ({"converted_ckpt_dir": "x.pth", "all_reduce": "ring"}, r"all_reduce must be one of \['one-shot', 'nccl'\]"),
+    ({"converted_ckpt_dir": "x.pth", "all_reduce": "ring"},
+     r"all_reduce must be one of \['push', 'one-shot', 'nccl'\]"),
 ])
 def test_a_bad_handler_section_names_the_key(section: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

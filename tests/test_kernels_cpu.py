@@ -22,7 +22,7 @@ import pytest
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 triton = pytest.importorskip("triton")
 
-from gpt_fast_mixtral.kernels import attention, linear, moe, router  # noqa: E402
+from gpt_fast_mixtral.kernels import allreduce, attention, linear, moe, router  # noqa: E402
 from gpt_fast_mixtral.quantize import INT8_W13_BLOCK  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,8 @@ def test_kernels_match_their_references_in_the_interpreter() -> None:
 # Integer arguments as Mixtral-8x7B's decode/prefill launches pass them: Triton's JIT specialises a
 # pointer or integer divisible by 16 (it may then vectorise and pipeline loads), so the compile here does too.
 SAMPLE_INTS = {"num_experts": 8, "num_m_tiles": 40, "dim": 4096, "inter": 14336, "top_k": 2, "num_tiles": 3584,
-               "n_heads": 32, "n_kv_heads": 8, "head_dim": 128, "M": 1, "N": 6144, "K": 4096, "eps": None}
+               "n_heads": 32, "n_kv_heads": 8, "head_dim": 128, "M": 1, "N": 6144, "K": 4096, "eps": None,
+               "numel": 4096, "capacity": 131072}
 
 
 def compile_for_hopper(fn, types: list[str], constexprs: dict, num_warps: int = 4, num_stages: int = 3):
@@ -157,3 +158,18 @@ def test_decode_kernels_compile() -> None:
     compile_for_hopper(linear._int8_linear_kernel,
                        ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
                        dict(MAGIC=True, IEEE=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PERSISTENT=False))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_push_all_reduce_sends_and_polls_16_bytes_at_a_time(dtype: str) -> None:
+    """Pushes to peers as 16-byte stores and waits with 16-byte volatile loads (not cached: a peer's
+    store must become visible to the spinning loop); scalar code would take many more NVLink packets."""
+    import triton.language as tl
+
+    bits, empty = (tl.int16, -(1 << 15)) if dtype == "bf16" else (tl.int32, -(1 << 31))
+    constexprs = dict(BITS=bits, RANK=1, WORLD=8, PHASES=3, SENTINEL=empty, BLOCK=allreduce.BLOCK)
+    ptx = compile_for_hopper(allreduce._push_all_reduce_kernel,
+                             [f"*{dtype}", f"*{dtype}", "*i64", "*i32", "i32", "i32"], constexprs).asm["ptx"]
+    assert "st.global.v4.b32" in ptx
+    assert "ld.volatile.global.v4.b32" in ptx
+    assert "ld.volatile.global.b16" not in ptx and "ld.volatile.global.b32" not in ptx

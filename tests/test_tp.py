@@ -375,15 +375,20 @@ BF16_REL_TOL = 3e-2  # bf16 rounds every operand to 8 bits (2**-8 = 4e-3) and th
     "cpu",
     pytest.param("cuda", marks=[pytest.mark.gpu,
                                 pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]),
-    # the decode all-reduces through symmetric memory (tp.enable_one_shot_all_reduce)
+    # the decode all-reduces through symmetric memory (tp.enable_one_shot_all_reduce), by both methods
     pytest.param("cuda-one-shot", marks=[pytest.mark.gpu,
                                          pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]),
+    pytest.param("cuda-push", marks=[
+        pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
+        # On two H200s (session 9) the logits were within tolerance but the two ranks' were not bitwise equal,
+        # while the kernel alone gave the rank-order sum on six GPUs; the NCCL and one-shot cases were not run
+        # in that session to tell whether it is the push kernel. benchmarks/NOTES.md, session 9.
+        pytest.mark.xfail(strict=True, reason="ranks' logits differed in their last bits on two H200s")]),
 ])
 def test_two_ranks_match_one_in_float32_and_bfloat16(tiny_converted_dir: Path, tmp_path: Path, device: str) -> None:
-    one_shot = device == "cuda-one-shot"
-    device = device.removesuffix("-one-shot")
+    device, _, all_reduce = device.partition("-")
     ranks = launch_ranks(2, "devices", tiny_converted_dir, tmp_path, timeout=540, TP_TEST_DEVICE=device,
-                         TP_TEST_ONE_SHOT=str(int(one_shot)))
+                         TP_TEST_ALL_REDUCE=all_reduce or "nccl")
     float32_tolerance = GPU_FLOAT32_REL_TOL if device == "cuda" else REL_TOL
     tokenizer = Tokenizer(tiny_converted_dir / "tokenizer.model")
     for name in CHECKPOINTS:
@@ -402,8 +407,24 @@ def test_two_ranks_match_one_in_float32_and_bfloat16(tiny_converted_dir: Path, t
             assert rank0["sampled"] == rank1["sampled"], (name, mode)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("method", ["push", "one-shot"])
+def test_decode_all_reduces_give_every_gpu_the_rank_order_sum(tmp_path: Path, method: str) -> None:
+    world_size = torch.cuda.device_count()  # all of them: 2, 4 or 8 ranks
+    ranks = launch_ranks(world_size, "all_reduce", tmp_path, tmp_path / "out", timeout=300, TP_TEST_DEVICE="cuda",
+                         TP_TEST_ALL_REDUCE=method)
+    # PyTorch's kernel takes whole 4-byte words only: odd 2-byte sizes go to NCCL; the push kernel takes all
+    odd = [("torch.bfloat16", 1), ("torch.bfloat16", 37), ("torch.bfloat16", 32773),
+           ("torch.float16", 1), ("torch.float16", 37), ("torch.float16", 32773)]
+    for rank, result in enumerate(ranks):
+        assert result["wrong"] == [], (rank, result["wrong"])
+        assert result["to_nccl"] == ([] if method == "push" else odd)
+        assert result["calls"] == 3 * (24 + 5 * 4) - (0 if method == "push" else 6 * 3)
+
+
 def test_an_unknown_all_reduce_is_refused_before_joining() -> None:
-    with pytest.raises(ValueError, match="all_reduce must be one of one-shot, nccl"):
+    with pytest.raises(ValueError, match="all_reduce must be one of push, one-shot, nccl"):
         init_process_group(torch.device("cpu"), "ring")
     assert not torch.distributed.is_initialized()
 

@@ -125,6 +125,60 @@ def run_devices(checkpoint_dir: Path, rank: int, world_size: int) -> dict[str, A
     return results
 
 
+def run_all_reduce(_: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """The decode all-reduce (TP_TEST_ALL_REDUCE's method) against the rank-order float32 sum, which every
+    rank computes from all ranks' parts (each drawn from a seed of its rank and call): eagerly, over
+    sizes from 1 element to the whole buffer, and replayed from a CUDA graph of four calls (which moves
+    the push method's phases on by one each replay). Returns the calls that differed, and the sizes that
+    the method leaves to NCCL (its `fits`), which are not run."""
+    from gpt_fast_mixtral.kernels.allreduce import reference_all_reduce
+    from gpt_fast_mixtral.tp import _ONE_SHOT, ONE_SHOT_MAX_BYTES, one_shot_all_reduce
+
+    device = rank_device()
+    group_name = torch.distributed.group.WORLD.group_name
+
+    def parts(call: int, numel: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        drawn = []
+        for source in range(world_size):
+            generator = torch.Generator(device).manual_seed(1000 * call + source)
+            part = torch.randn(numel, generator=generator, device=device).to(dtype)
+            part[source::5] = -0.0  # the push method's empty-slot pattern, which it must still sum right
+            drawn.append(part)
+        return drawn
+
+    wrong, calls, to_nccl = [], 0, set()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        capacity = ONE_SHOT_MAX_BYTES // dtype.itemsize
+        for call, numel in enumerate([4096, 1, 37, 8 * 4096 + 5, capacity, 4096, 4096, 12288] * 3):
+            drawn = parts(call, numel, dtype)
+            if not _ONE_SHOT[group_name][dtype].fits(drawn[rank]):
+                to_nccl.add((str(dtype), numel))
+                continue
+            if not torch.equal(one_shot_all_reduce(drawn[rank], call % 2, group_name), reference_all_reduce(drawn)):
+                wrong.append((str(dtype), "eager", call, numel))
+            calls += 1
+        static = [torch.zeros(4096, dtype=dtype, device=device) for _ in range(4)]
+        for index, tensor in enumerate(static):  # warm up the kernels outside the capture
+            one_shot_all_reduce(tensor, index % 2, group_name)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = [one_shot_all_reduce(tensor, index % 2, group_name) for index, tensor in enumerate(static)]
+        for replay in range(5):
+            expected = []
+            for index, tensor in enumerate(static):
+                drawn = parts(100 + 10 * replay + index, 4096, dtype)
+                tensor.copy_(drawn[rank])
+                expected.append(reference_all_reduce(drawn))
+            graph.replay()
+            for index, (output, reference) in enumerate(zip(outputs, expected, strict=True)):
+                if not torch.equal(output, reference):
+                    wrong.append((str(dtype), "graph", replay, index))
+                calls += 1
+    torch.cuda.synchronize()
+    return {"wrong": wrong, "calls": calls, "to_nccl": sorted(to_nccl)}
+
+
 def rank_device() -> torch.device:
     if os.environ.get("TP_TEST_DEVICE", "cpu") == "cuda":
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -144,14 +198,15 @@ def run_handler(converted_dir: Path, rank: int, world_size: int) -> dict[str, An
             "sharded": dataclasses.asdict(worker.handler.engine.model.parallelism)}
 
 
-SCENARIOS = {"engine": run_engine, "logits": run_logits, "devices": run_devices, "handler": run_handler}
+SCENARIOS = {"engine": run_engine, "logits": run_logits, "devices": run_devices, "handler": run_handler,
+             "all_reduce": run_all_reduce}
 
 
 def main() -> None:
     scenario, out_dir, source = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if scenario != "handler":  # the handler joins the process group itself
-        init_process_group(rank_device(), "one-shot" if os.environ.get("TP_TEST_ONE_SHOT") == "1" else "nccl")
+        init_process_group(rank_device(), os.environ.get("TP_TEST_ALL_REDUCE", "nccl"))
     results = SCENARIOS[scenario](source, rank, world_size)
     torch.save(results, out_dir / f"rank{rank}.pt")
     leave_process_group()  # together (see generate.main)
