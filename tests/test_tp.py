@@ -395,9 +395,11 @@ def test_two_ranks_match_one_in_float32_and_bfloat16(tiny_converted_dir: Path, t
         for dtype, tolerance in ((torch.float32, float32_tolerance), (torch.bfloat16, BF16_REL_TOL)):
             expected = probe_logits(load_model(tiny_converted_dir / name, device=device, dtype=dtype))
             for mode in MODES:
-                for path, logits in ranks[0][f"{name}/{mode}/{dtype}/logits"].items():
+                key = f"{name}/{mode}/{dtype}"
+                for path, logits in ranks[0][f"{key}/logits"].items():
                     assert relative_error(logits, expected[path]) < tolerance, (name, mode, dtype, path)
-                    assert torch.equal(ranks[1][f"{name}/{mode}/{dtype}/logits"][path], logits), "ranks disagree"
+                    assert torch.equal(ranks[1][f"{key}/logits"][path], logits), \
+                        f"ranks disagree: {key} {path}; {first_differing_all_reduce(ranks, key)}"
         engine = Engine(load_model(tiny_converted_dir / name, device=device, dtype=torch.float32), tokenizer,
                         max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN, compile=name == "model.pth")
         expected_tokens = reference_generations(engine)
@@ -421,6 +423,19 @@ def test_decode_all_reduces_give_every_gpu_the_rank_order_sum(tmp_path: Path, me
         assert result["wrong"] == [], (rank, result["wrong"])
         assert result["to_nccl"] == ([] if method == "push" else odd)
         assert result["calls"] == 3 * (24 + 5 * 4) - (0 if method == "push" else 6 * 3)
+
+
+def first_differing_all_reduce(ranks: list[dict], key: str) -> str:
+    """Which one-shot all-reduce of the probes (tp_ranks.traced_all_reduces) first gave the two ranks
+    different outputs, if any."""
+    traces = [rank[f"{key}/all_reduces"] for rank in ranks]
+    if len(traces[0]) != len(traces[1]):
+        return f"the ranks made {len(traces[0])} and {len(traces[1])} one-shot all-reduces"
+    for index, (a, b) in enumerate(zip(*traces, strict=True)):
+        if not torch.equal(a, b):
+            differing = (a != b).sum().item()
+            return f"one-shot all-reduce {index} of {len(traces[0])} ({a.numel()} elements) differs in {differing}"
+    return f"all {len(traces[0])} one-shot all-reduces agree: a replicated computation differs"
 
 
 def test_an_unknown_all_reduce_is_refused_before_joining() -> None:

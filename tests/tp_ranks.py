@@ -7,6 +7,7 @@ ranks with each other and with the unsharded model, computed by the same functio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -117,7 +118,9 @@ def run_devices(checkpoint_dir: Path, rank: int, world_size: int) -> dict[str, A
                 model = load_model(checkpoint_dir / name, device=device, dtype=dtype,
                                    transform=partial(apply_tensor_parallel, rank=rank, world_size=world_size,
                                                      mode=mode, device=device))
-                results[f"{name}/{mode}/{dtype}/logits"] = probe_logits(model)
+                with traced_all_reduces() as trace:
+                    results[f"{name}/{mode}/{dtype}/logits"] = probe_logits(model)
+                results[f"{name}/{mode}/{dtype}/all_reduces"] = trace
             # Compiling takes a while per model: the int8 ones decode eagerly (with the fused kernels still).
             engine = Engine(model, tokenizer, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
                             compile=name == "model.pth")
@@ -177,6 +180,28 @@ def run_all_reduce(_: Path, rank: int, world_size: int) -> dict[str, Any]:
                 calls += 1
     torch.cuda.synchronize()
     return {"wrong": wrong, "calls": calls, "to_nccl": sorted(to_nccl)}
+
+
+@contextlib.contextmanager
+def traced_all_reduces():
+    """Collects the output of every one-shot all-reduce (tp.one_shot_all_reduce, eager calls only) made
+    inside, on the CPU: when ranks disagree, the test can tell an all-reduce that gave the ranks different
+    sums from a replicated computation that is not deterministic."""
+    from gpt_fast_mixtral import tp
+
+    trace: list[torch.Tensor] = []
+    original = tp.one_shot_all_reduce
+
+    def traced(x: torch.Tensor, buffer_index: int, group_name: str) -> torch.Tensor:
+        out = original(x, buffer_index, group_name)
+        trace.append(out.cpu())
+        return out
+
+    tp.one_shot_all_reduce = traced
+    try:
+        yield trace
+    finally:
+        tp.one_shot_all_reduce = original
 
 
 def rank_device() -> torch.device:
