@@ -180,7 +180,7 @@ _ONE_SHOT_METHODS = {"push": _PushOneShot, "one-shot": _SymmMemOneShot}
 
 def enable_one_shot_all_reduce(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,),
                                group: dist.ProcessGroup | None = None,
-                               max_bytes: int = ONE_SHOT_MAX_BYTES, method: str = "push") -> bool:
+                               max_bytes: int = ONE_SHOT_MAX_BYTES, method: str = "one-shot") -> bool:
     """All-reduce outputs of up to `max_bytes` (a decode step's activations) in one kernel through
     symmetric memory, which peers read and write directly over NVLink. NCCL's ring needs several kernel
     steps for the 8 KB of a batch-1 decode step. Larger outputs (prefill) stay on NCCL.

@@ -124,9 +124,9 @@ class PushAllReduce:
         if buffers.dtype != torch.int64 or buffers.numel() != world_size:
             raise ValueError(f"buffers must be {world_size} int64 addresses, got {buffers.dtype} "
                              f"{tuple(buffers.shape)}")
-        self.bits = bits_dtype(dtype)
-        self.dtype, self.rank, self.world_size, self.capacity = dtype, rank, world_size, capacity
-        self.buffers, self.counters, self.block = buffers, counters, block
+        self.dtype, self.capacity, self.buffers, self.counters = dtype, capacity, buffers, counters
+        self.constants = dict(BITS=_TL_BITS[bits_dtype(dtype)], RANK=rank, WORLD=world_size, PHASES=PHASES,
+                              SENTINEL=sentinel(dtype), BLOCK=block)
 
     def fits(self, x: Tensor) -> bool:
         return x.dtype == self.dtype and x.numel() <= self.capacity
@@ -138,7 +138,5 @@ class PushAllReduce:
         x = x.contiguous()
         out = torch.empty_like(x)
         _push_all_reduce_kernel[(self.counters.numel(),)](
-            x, out, self.buffers, self.counters, x.numel(), self.capacity, BITS=_TL_BITS[self.bits], RANK=self.rank,
-            WORLD=self.world_size, PHASES=PHASES, SENTINEL=sentinel(self.dtype), BLOCK=self.block,
-            num_warps=4)
+            x, out, self.buffers, self.counters, x.numel(), self.capacity, **self.constants, num_warps=4)
         return out
