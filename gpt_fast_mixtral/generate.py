@@ -321,9 +321,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel", choices=PARALLEL_MODES, default="tp",
                         help="how to split the model when started by torchrun (WORLD_SIZE > 1): tp slices "
                              "every expert, ep gives each rank whole experts; attention is split by heads in both")
-    parser.add_argument("--all-reduce", choices=ALL_REDUCES, default="one-shot",
-                        help="on GPUs under torchrun: one-shot sends decode-sized all-reduces through "
-                             "symmetric memory (NVLink), nccl sends all of them through NCCL")
+    parser.add_argument("--all-reduce", choices=ALL_REDUCES, default="push",
+                        help="on GPUs under torchrun: push (our kernel) or one-shot (PyTorch's) sends "
+                             "decode-sized all-reduces through symmetric memory (NVLink), nccl sends all of "
+                             "them through NCCL")
     return parser
 
 

@@ -93,13 +93,13 @@ def _listing(items: list[str], conjunction: str = "and") -> str:
     return f"{', '.join(items[:-1])} {conjunction} {items[-1]}" if len(items) > 1 else items[0]
 
 
-def init_process_group(device: torch.device, all_reduce: str = "one-shot") -> None:
+def init_process_group(device: torch.device, all_reduce: str = "push") -> None:
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT): NCCL when `device` is a GPU (this rank's own, by LOCAL_RANK), gloo on the CPU.
 
-    all_reduce (GPUs only; see enable_one_shot_all_reduce): "push" sends decode-sized all-reduces through
-    our push kernel over symmetric memory, "one-shot" through PyTorch's symmetric-memory one-shot kernel;
-    "nccl" leaves every all-reduce to NCCL."""
+    all_reduce (GPUs only; see enable_one_shot_all_reduce): "push" (the default) sends decode-sized
+    all-reduces through our push kernel over symmetric memory, "one-shot" through PyTorch's
+    symmetric-memory one-shot kernel; "nccl" leaves every all-reduce to NCCL."""
     if all_reduce not in ALL_REDUCES:
         raise ValueError(f"all_reduce must be one of {', '.join(ALL_REDUCES)}, got {all_reduce!r}")
     if dist.is_initialized():
@@ -134,8 +134,12 @@ class _SymmMemOneShot:
             symm_mem.rendezvous(buffer, self.group_name)
             self.buffers.append(buffer)
 
-    def fits(self, x: Tensor) -> bool:  # PyTorch's kernel refuses sizes that are not whole 4-byte words
-        return x.numel() <= self.buffers[0].numel() and x.numel() * x.element_size() % 4 == 0
+    # PyTorch's kernel (torch 2.11) adds bfloat16 and float32, not float16, and only whole 4-byte words
+    DTYPES = (torch.bfloat16, torch.float32)
+
+    def fits(self, x: Tensor) -> bool:
+        return (x.dtype in self.DTYPES and x.numel() <= self.buffers[0].numel()
+                and x.numel() * x.element_size() % 4 == 0)
 
     def __call__(self, x: Tensor, buffer_index: int) -> Tensor:
         x = x.contiguous()
@@ -180,7 +184,7 @@ _ONE_SHOT_METHODS = {"push": _PushOneShot, "one-shot": _SymmMemOneShot}
 
 def enable_one_shot_all_reduce(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,),
                                group: dist.ProcessGroup | None = None,
-                               max_bytes: int = ONE_SHOT_MAX_BYTES, method: str = "one-shot") -> bool:
+                               max_bytes: int = ONE_SHOT_MAX_BYTES, method: str = "push") -> bool:
     """All-reduce outputs of up to `max_bytes` (a decode step's activations) in one kernel through
     symmetric memory, which peers read and write directly over NVLink. NCCL's ring needs several kernel
     steps for the 8 KB of a batch-1 decode step. Larger outputs (prefill) stay on NCCL.

@@ -33,7 +33,7 @@ class HandlerSettings:
     max_seq_len: int | None = None  # KV cache length, prompt and answer together (None: the engine's)
     dtype: str | None = None  # bfloat16 | float32 | float16 (None: bfloat16 on GPU, float32 on CPU)
     parallel_mode: str = "tp"  # under torchrun (parallelType: tp): tp slices every expert, ep splits the experts
-    all_reduce: str = "one-shot"  # on GPUs under torchrun: one-shot or push (symmetric memory) for decode, or nccl
+    all_reduce: str = "push"  # on GPUs under torchrun: push or one-shot (symmetric memory) for decode, or nccl
 
     @classmethod
     def from_yaml(cls, section: dict[str, Any] | None) -> HandlerSettings:

@@ -409,10 +409,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
                         help="under torchrun: tp slices every expert, ep gives each rank whole experts "
                              "(attention is split by heads in both); one rank per GPU")
-    parser.add_argument("--all-reduce", choices=ALL_REDUCES, default="one-shot",
+    parser.add_argument("--all-reduce", choices=ALL_REDUCES, default="push",
                         help="decode-sized all-reduces through symmetric memory (tp.enable_one_shot_all_reduce) "
-                             "by PyTorch's one-shot kernel or by our push kernel (kernels/allreduce.py); "
-                             "nccl: all through NCCL")
+                             "by our push kernel (kernels/allreduce.py, the default) or by PyTorch's one-shot "
+                             "kernel; nccl: all through NCCL")
     parser.add_argument("--baseline-json", type=Path, default=None,
                         help="a single-GPU result of the same session: adds speedup_vs_single")
     parser.add_argument("--batch-size", type=int, default=1)

@@ -44,6 +44,9 @@ SHAPES = [  # tokens, experts, top_k, dim, intermediate (odd sizes exercise ever
 PATHS = {"tiled": MoEConfig(gemv_max_slots=0), "gemv": MoEConfig(gemv_max_slots=1 << 30),
          # 7 programs looping over all the tiles (the persistent grid)
          "gemv_persistent": MoEConfig(gemv_max_slots=1 << 30, gemv_programs=7),
+         # loads a few loop iterations ahead (cp.async through shared memory), short row blocks
+         "gemv_pipelined": MoEConfig(gemv_max_slots=1 << 30, gemv_stages=3, gemv_block_d=64, gemv_down_block_i=64,
+                                     gemv_block_i=4),
          "grouped": MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_block_m=32, grouped_block_n=32,
                               grouped_block_k=32, grouped_down_block_n=32, grouped_warps=4),
          "grouped_default_tiles": MoEConfig(gemv_max_slots=0, grouped_min_slots=0),
@@ -183,19 +186,23 @@ def test_rows_to_fp16_is_exact_for_bfloat16_rows():
     assert torch.equal(x16.float() * scale[:, None], expected)
 
 
-LINEAR_SHAPES = [(1, 40, 100), (1, 6144, 4096), (3, 96, 200), (16, 130, 64), (9, 4096, 512)]
+# one token: wqkv and wo of one GPU and of one of 8 ranks (narrower tiles, linear.gemv_tile), odd sizes
+LINEAR_SHAPES = [(1, 40, 100), (1, 6144, 4096), (1, 768, 4096), (1, 4096, 512), (1, 50, 3000), (3, 96, 200),
+                 (16, 130, 64), (9, 4096, 512)]
 
 
-@pytest.mark.parametrize("magic,programs", [(True, 0), (False, 0), (True, 5)])  # 5: a persistent grid
+# 5 programs: a persistent grid; stages 3: loads two loop iterations ahead
+@pytest.mark.parametrize("magic,programs,stages", [(True, 0, 1), (False, 0, 1), (True, 5, 1), (True, 0, 3)])
 @pytest.mark.parametrize("rows,n,k", LINEAR_SHAPES)
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_int8_linear_matches_reference(rows, n, k, dtype, bound, magic, programs):
+def test_int8_linear_matches_reference(rows, n, k, dtype, bound, magic, programs, stages):
     generator = torch.Generator(device="cuda").manual_seed(rows + n + k)
     x = torch.randn(rows, k, device="cuda", generator=generator).to(dtype)
     weight, scales = quantize_per_channel(torch.randn(n, k, device="cuda", generator=generator))
     if n * k >= 255:  # every int8 value
         weight = torch.arange(n * k, device="cuda").remainder(255).sub(127).to(torch.int8).view(n, k)
-    got = int8_linear(x, weight, scales, LinearConfig(int8_magic=magic, gemv_programs=programs))
+    got = int8_linear(x, weight, scales, LinearConfig(int8_magic=magic, gemv_programs=programs, gemv_stages=stages,
+                                                      gemv_block_k=2048 if stages == 1 else 512))
     assert got.dtype == dtype and got.shape == (rows, n)
     assert relative_error(got, reference_int8_linear(x, weight, scales)) < bound
 

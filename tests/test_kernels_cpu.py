@@ -109,11 +109,12 @@ def test_prefill_moe_helper_kernels_compile() -> None:
                        dict(TOP_K=2, BLOCK=1024))
 
 
+@pytest.mark.parametrize("stages", [1, 3])  # MoEConfig.gemv_stages: loads a loop iteration ahead, or not
 @pytest.mark.parametrize("blocked", [False, True])  # w1 / w3 row-major, or in the int8 engines' blocks
 @pytest.mark.parametrize("persistent", [False, True])
-def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool) -> None:
+def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool, stages: int) -> None:
     config = moe.MoEConfig()
-    common = dict(HAS_SCALES=True, MAGIC=True, PERSISTENT=persistent)
+    common = dict(HAS_SCALES=True, MAGIC=True, PERSISTENT=persistent, STAGES=stages)
     blocks = dict(zip(("BR", "BC"), INT8_W13_BLOCK if blocked else (0, 0), strict=True))
     gate_up = compile_for_hopper(
         moe._gate_up_gemv_kernel, ["*bf16", "*i8", "*i8", "*bf16", "*bf16", "*bf16", "*i32", "i32", "i32", "i32",
@@ -127,11 +128,20 @@ def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool) -
         dict(SPLIT=config.gemv_split, BLOCK_O=config.gemv_down_block_o, BLOCK_I=config.gemv_down_block_i, **common),
         num_warps=config.gemv_warps)
     for compiled in (gate_up, down):
-        # 16-byte weight loads: anything narrower would leave the matrix-vector product short of bandwidth
-        assert "ld.global.v4.b32" in compiled.asm["ptx"] or "ld.global.nc.v4.b32" in compiled.asm["ptx"]
+        assert_wide_weight_loads(compiled.asm["ptx"], stages)
         # int8 -> float32 by int8_to_fp32's prmt into 2**23's mantissa, not by sign extension + integer add
         assert "prmt.b32" in compiled.asm["ptx"] and "0x7540" in compiled.asm["ptx"]
         assert "cvt.s32.s8" not in compiled.asm["ptx"]
+
+
+def assert_wide_weight_loads(ptx: str, stages: int) -> None:
+    """16-byte weight loads (anything narrower leaves a matrix-vector product short of bandwidth): into
+    registers, or with stages > 1 as asynchronous copies into shared memory a few iterations ahead."""
+    if stages == 1:
+        assert "ld.global.v4.b32" in ptx or "ld.global.nc.v4.b32" in ptx
+        assert "cp.async" not in ptx
+    else:
+        assert "cp.async.cg.shared.global" in ptx and ", 16, " in ptx  # cg: 16 bytes, past L1
 
 
 def test_decode_kernels_compile() -> None:
@@ -149,15 +159,15 @@ def test_decode_kernels_compile() -> None:
                             "*fp32"] + ["i32"] * 17,
                            dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, BLOCK_HALF=64, SPLITS=64, MIN_CHUNK=256,
                                 SCALE=128 ** -0.5, PRECISION="tf32", ROPE=rope), num_stages=2)
-    for persistent in (False, True):
+    for persistent, stages in ((False, 1), (True, 1), (False, 3)):
         compiled = compile_for_hopper(linear._int8_linear_kernel,
                                       ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
                                       dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048,
-                                           PERSISTENT=persistent))
-        assert "ld.global.v4.b32" in compiled.asm["ptx"] or "ld.global.nc.v4.b32" in compiled.asm["ptx"]
+                                           PERSISTENT=persistent, STAGES=stages), num_stages=1)
+        assert_wide_weight_loads(compiled.asm["ptx"], stages)
     compile_for_hopper(linear._int8_linear_kernel,
                        ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
-                       dict(MAGIC=True, IEEE=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PERSISTENT=False))
+                       dict(MAGIC=True, IEEE=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PERSISTENT=False, STAGES=1))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

@@ -1,11 +1,13 @@
-"""The grouped MoE kernels' tiling (kernels/moe.py expert_tiles) covers every routed row exactly once."""
+"""The grouped MoE kernels' tiling (kernels/moe.py expert_tiles) covers every routed row exactly once, and
+the int8 linear kernel's one-token tiles (kernels/linear.py gemv_tile) fit the weight's width."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gpt_fast_mixtral.kernels.moe import expert_tiles
+from gpt_fast_mixtral.kernels.linear import LinearConfig, gemv_tile
+from gpt_fast_mixtral.kernels.moe import MoEConfig, expert_tiles, gemv_rows
 
 
 @pytest.mark.parametrize(("counts", "block_m"), [
@@ -35,3 +37,29 @@ def test_tiles_cover_each_experts_rows_once(counts: list[int], block_m: int) -> 
     expected = {row: e for e, (o, c) in enumerate(zip(offsets.tolist(), counts, strict=True))
                 for row in range(o, o + c)}
     assert owner == expected
+
+
+@pytest.mark.parametrize(("k", "tile"), [
+    (4096, (2, 2048)),  # one GPU: the configured tile
+    (2048, (2, 2048)),
+    (1024, (4, 1024)),  # wo over 4 ranks
+    (512, (8, 512)),  # wo over 8 ranks: 8 x 512, not 2 x 2048 with three quarters masked off
+    (600, (4, 1024)),  # not a power of two: the next one covers it
+    (64, (64, 64)),
+])
+def test_one_token_linear_tiles_are_no_wider_than_the_weight_and_keep_their_size(k: int, tile: tuple[int, int]
+                                                                                  ) -> None:
+    assert gemv_tile(k, LinearConfig(gemv_block_n=2, gemv_block_k=2048)) == tile
+
+
+@pytest.mark.parametrize(("inter", "blocked", "rows"), [
+    (14336, True, 16),  # Mixtral on one GPU: int8 (w1 / w3 in blocks) 16 rows, bf16 8
+    (14336, False, 8),
+    (7168, True, 16),  # over 2 ranks: still 448 row blocks per slot
+    (3584, True, 8),  # over 4 ranks
+    (1792, True, 4),  # over 8 ranks
+    (1792, False, 4),
+    (96, True, 4),  # never below gemv_min_block_i
+])
+def test_gate_up_programs_take_fewer_rows_when_a_shard_has_few(inter: int, blocked: bool, rows: int) -> None:
+    assert gemv_rows(inter, MoEConfig(), blocked) == rows

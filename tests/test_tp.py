@@ -42,6 +42,7 @@ from gpt_fast_mixtral.quantize import ConditionalFeedForwardInt8, quantize_check
 from gpt_fast_mixtral.tiny_model import hf_state_dict, tiny_model_args
 from gpt_fast_mixtral.tokenizer import Tokenizer
 from gpt_fast_mixtral.tp import (
+    ONE_SHOT_MAX_BYTES,
     ExpertParallelExperts,
     apply_tensor_parallel,
     check_parallel,
@@ -378,12 +379,8 @@ BF16_REL_TOL = 3e-2  # bf16 rounds every operand to 8 bits (2**-8 = 4e-3) and th
     # the decode all-reduces through symmetric memory (tp.enable_one_shot_all_reduce), by both methods
     pytest.param("cuda-one-shot", marks=[pytest.mark.gpu,
                                          pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]),
-    pytest.param("cuda-push", marks=[
-        pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
-        # On two H200s (session 9) the logits were within tolerance but the two ranks' were not bitwise equal,
-        # while the kernel alone gave the rank-order sum on six GPUs; the NCCL and one-shot cases were not run
-        # in that session to tell whether it is the push kernel. benchmarks/NOTES.md, session 9.
-        pytest.mark.xfail(strict=True, reason="ranks' logits differed in their last bits on two H200s")]),
+    pytest.param("cuda-push", marks=[pytest.mark.gpu,
+                                     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]),
 ])
 def test_two_ranks_match_one_in_float32_and_bfloat16(tiny_converted_dir: Path, tmp_path: Path, device: str) -> None:
     device, _, all_reduce = device.partition("-")
@@ -416,13 +413,20 @@ def test_decode_all_reduces_give_every_gpu_the_rank_order_sum(tmp_path: Path, me
     world_size = torch.cuda.device_count()  # all of them: 2, 4 or 8 ranks
     ranks = launch_ranks(world_size, "all_reduce", tmp_path, tmp_path / "out", timeout=300, TP_TEST_DEVICE="cuda",
                          TP_TEST_ALL_REDUCE=method)
-    # PyTorch's kernel takes whole 4-byte words only: odd 2-byte sizes go to NCCL; the push kernel takes all
-    odd = [("torch.bfloat16", 1), ("torch.bfloat16", 37), ("torch.bfloat16", 32773),
-           ("torch.float16", 1), ("torch.float16", 37), ("torch.float16", 32773)]
+    # The push kernel takes every size of all three dtypes. PyTorch's kernel takes whole 4-byte words of
+    # bfloat16 and float32 only: odd bfloat16 sizes and all float16 go to NCCL.
+    eager_calls, graph_calls = 24, 5 * 4  # per dtype, each size three times
+    if method == "push":
+        to_nccl, calls = [], 3 * (eager_calls + graph_calls)
+    else:
+        odd = [1, 37, 32773]
+        to_nccl = sorted([("torch.bfloat16", n) for n in odd] +
+                         [("torch.float16", n) for n in (*odd, 4096, 12288, ONE_SHOT_MAX_BYTES // 2)])
+        calls = 2 * (eager_calls + graph_calls) - 3 * len(odd)
     for rank, result in enumerate(ranks):
         assert result["wrong"] == [], (rank, result["wrong"])
-        assert result["to_nccl"] == ([] if method == "push" else odd)
-        assert result["calls"] == 3 * (24 + 5 * 4) - (0 if method == "push" else 6 * 3)
+        assert result["to_nccl"] == to_nccl
+        assert result["calls"] == calls
 
 
 def first_differing_all_reduce(ranks: list[dict], key: str) -> str:

@@ -35,14 +35,15 @@ if triton is not None:
 
     @triton.jit
     def _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[rows of n_block] for one token: CUDA-core FMAs on int8 weights dequantised in registers."""
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        """y[rows of n_block] for one token: CUDA-core FMAs on int8 weights dequantised in registers; STAGES
+        as kernels.moe's matrix-vector loops."""
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
         scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # in flight during the loop
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -55,16 +56,17 @@ if triton is not None:
     def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                             MAGIC: tl.constexpr, IEEE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            PERSISTENT: tl.constexpr = False):
+                            PERSISTENT: tl.constexpr = False, STAGES: tl.constexpr = 1):
         """One token (BLOCK_M 1): a program per BLOCK_N rows, or with PERSISTENT a 1-D grid of fewer programs
         looping over the row blocks. 2..16 tokens: one 16-row tensor-core tile per (rows, tokens) block."""
         if BLOCK_M == 1:
             if PERSISTENT:
                 for n_block in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
-                    _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC, BLOCK_N, BLOCK_K)
+                    _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC, BLOCK_N, BLOCK_K,
+                                     STAGES)
             else:
                 _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), N, K, stride_wn, MAGIC, BLOCK_N,
-                                 BLOCK_K)
+                                 BLOCK_K, STAGES)
         else:
             offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
@@ -97,9 +99,14 @@ class LinearConfig:
     # (torch.compile's fused dequantise-and-reduce: 14.4, 9.6); 16 x 512 tiles took 17 us. Session 8, with
     # the prmt dequantisation (kernels.moe.int8_to_fp32; benchmarks/results/h200_sweep_session8.log):
     # 2 x 2048 tiles wqkv 10.5 / wo 7.9 / head 40.8 us against 12.0 / 8.4 / 40.8 for 4 x 1024.
+    # A weight with fewer columns than gemv_block_k (a tensor-parallel shard: wo's K is 4096 / W) gets
+    # narrower, taller tiles of the same size (`gemv_tile`): H200, Mixtral's wo over 8 ranks ([4096, 512])
+    # 3.04 us in 8 x 512 tiles against 4.79 in 2 x 2048 ones, three quarters of which were masked off
+    # (benchmarks/sweep_tp_shapes.py, session 10).
     gemv_block_n: int = 2
     gemv_block_k: int = 2048
     gemv_warps: int = 4
+    gemv_stages: int = 1  # see kernels.moe.MoEConfig.gemv_stages
     tile_block_n: int = 32
     tile_block_k: int = 256
     tile_warps: int = 4
@@ -117,6 +124,13 @@ class LinearConfig:
 DEFAULT_CONFIG = LinearConfig()
 
 
+def gemv_tile(k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[int, int]:
+    """(rows, columns) of one program's weight tile for one token and K columns: config's tile, or for K
+    below its width the narrowest power of two that covers K, with the rows scaled up to keep its size."""
+    block_k = min(config.gemv_block_k, 1 << max(k - 1, 0).bit_length())
+    return config.gemv_block_n * config.gemv_block_k // block_k, block_k
+
+
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig = DEFAULT_CONFIG) -> Tensor:
     """(x @ weight.T) * scales in x's dtype for x [..., K] with at most config.max_tokens rows."""
     shape = x.shape
@@ -128,7 +142,8 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig 
     c = config
     persistent = False
     if rows == 1:
-        block_m, block_n, block_k, warps, stages = 1, c.gemv_block_n, c.gemv_block_k, c.gemv_warps, 1
+        block_m, warps, stages = 1, c.gemv_warps, 1
+        block_n, block_k = gemv_tile(k, c)
         persistent = c.gemv_programs > 0
     else:
         block_m, block_n, block_k, warps, stages = 16, c.tile_block_n, c.tile_block_k, c.tile_warps, c.tile_stages
@@ -137,8 +152,8 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig 
         grid = (min(grid[0], c.gemv_programs), 1)
     _int8_linear_kernel[grid](x2, weight, scales, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
                               MAGIC=c.int8_magic, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=persistent, num_warps=warps,
-                              num_stages=stages)
+                              BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=persistent, STAGES=c.gemv_stages,
+                              num_warps=warps, num_stages=stages)
     return y.view(*shape[:-1], n)
 
 

@@ -286,8 +286,9 @@ if triton is not None:
     def _gate_up_gemv_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, slot, i_block,
                            dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
                            HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, BLOCK_I: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-        """h[slot, rows of i_block]: a matrix-vector product on CUDA cores, no padded tiles."""
+                           BLOCK_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr):
+        """h[slot, rows of i_block]: a matrix-vector product on CUDA cores, no padded tiles. STAGES > 1: the
+        loop's loads run that many iterations ahead (cp.async into shared memory), 1: each waits for its own."""
         offs_i = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
         mask_i = offs_i < inter
         expert = tl.load(experts_ptr + slot).to(tl.int64)
@@ -298,7 +299,7 @@ if triton is not None:
         w_base = _w13_rows(expert, offs_i, dim, stride_we, stride_wi, BR, BC)[:, None]
         gate = tl.zeros((BLOCK_I,), dtype=tl.float32)
         up = tl.zeros((BLOCK_I,), dtype=tl.float32)
-        for d0 in range(0, dim_end, BLOCK_D):
+        for d0 in tl.range(0, dim_end, BLOCK_D, num_stages=STAGES):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < dim
             # Loaded as a [1, BLOCK_D] row rather than a broadcast 1-D load: faster on an H200 (session 8, 60.8
@@ -325,7 +326,7 @@ if triton is not None:
                              dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
                              HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, BLOCK_I: tl.constexpr,
                              BLOCK_D: tl.constexpr, PERSISTENT: tl.constexpr, BR: tl.constexpr = 0,
-                             BC: tl.constexpr = 0):
+                             BC: tl.constexpr = 0, STAGES: tl.constexpr = 1):
         """One (token, k) slot per program row. Grid (slots, row blocks); PERSISTENT: a 1-D grid of fewer
         programs, each looping over (slot, row block) tiles (num_tiles of them)."""
         if PERSISTENT:
@@ -333,17 +334,18 @@ if triton is not None:
             for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
                 _gate_up_gemv_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
                                    tile // i_blocks, tile % i_blocks, dim, inter, stride_x, stride_we,
-                                   stride_wi, stride_se, stride_h, HAS_SCALES, MAGIC, BLOCK_I, BLOCK_D, BR, BC)
+                                   stride_wi, stride_se, stride_h, HAS_SCALES, MAGIC, BLOCK_I, BLOCK_D, BR, BC,
+                                   STAGES)
         else:
             _gate_up_gemv_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
                                tl.program_id(0), tl.program_id(1), dim, inter, stride_x, stride_we, stride_wi,
-                               stride_se, stride_h, HAS_SCALES, MAGIC, BLOCK_I, BLOCK_D, BR, BC)
+                               stride_se, stride_h, HAS_SCALES, MAGIC, BLOCK_I, BLOCK_D, BR, BC, STAGES)
 
     @triton.jit
     def _down_gemv_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr, slot, o_block, split,
                         dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
                         HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, SPLIT: tl.constexpr,
-                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr):
         offs_o = o_block * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < dim
         expert = tl.load(experts_ptr + slot).to(tl.int64)
@@ -352,7 +354,7 @@ if triton is not None:
         expert = tl.maximum(expert, 0)
         w_base = expert * stride_we + offs_o[:, None].to(tl.int64) * stride_wd
         acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        for i0 in range(split * split_len, split_end, BLOCK_I):
+        for i0 in tl.range(split * split_len, split_end, BLOCK_I, num_stages=STAGES):
             offs_i = i0 + tl.arange(0, BLOCK_I)
             mask_i = offs_i < inter
             h = tl.load(h_ptr + tl.cast(slot, tl.int64) * stride_h + offs_i, mask=mask_i, other=0.0).to(tl.float32)
@@ -369,7 +371,8 @@ if triton is not None:
     def _down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr, num_tiles,
                           dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
                           HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, SPLIT: tl.constexpr,
-                          BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, PERSISTENT: tl.constexpr):
+                          BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, PERSISTENT: tl.constexpr,
+                          STAGES: tl.constexpr = 1):
         """Grid (slots, output blocks, SPLIT); PERSISTENT: a 1-D grid looping over those tiles."""
         if PERSISTENT:
             o_blocks = tl.cdiv(dim, BLOCK_O)
@@ -377,12 +380,12 @@ if triton is not None:
                 _down_gemv_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr,
                                 tile // (o_blocks * SPLIT), (tile // SPLIT) % o_blocks, tile % SPLIT,
                                 dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
-                                HAS_SCALES, MAGIC, SPLIT, BLOCK_O, BLOCK_I)
+                                HAS_SCALES, MAGIC, SPLIT, BLOCK_O, BLOCK_I, STAGES)
         else:
             _down_gemv_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr,
                             tl.program_id(0), tl.program_id(1), tl.program_id(2),
                             dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
-                            HAS_SCALES, MAGIC, SPLIT, BLOCK_O, BLOCK_I)
+                            HAS_SCALES, MAGIC, SPLIT, BLOCK_O, BLOCK_I, STAGES)
 
     @triton.jit
     def _tile_operands(act_ptr, act_rows, stride_act, w_rows, offs_k, SWAP_AB: tl.constexpr):
@@ -567,11 +570,20 @@ class MoEConfig:
     # benchmarks/results/h200_sweep_session8.log); down tiles as they were (every other shape tried there
     # was slower).
     gemv_blocked_block_i: int = 16
+    # ... halved (down to gemv_min_block_i) while a slot would get fewer row blocks than this: a
+    # tensor-parallel rank's experts have I / W rows, which in 16-row programs leave the GPU short of loads
+    # in flight. H200, int8 (bf16) MoE layer at one rank's shape (benchmarks/sweep_tp_shapes.py, session 10):
+    # W 8, 4 rows 26.1 (36.3) against 29.0 (38.8) us for 16 (8) rows; W 4, 8 rows 36.7 against 38.9 us.
+    gemv_min_row_blocks: int = 448
+    gemv_min_block_i: int = 4
     gemv_block_d: int = 1024
     gemv_down_block_o: int = 8
     gemv_down_block_i: int = 512
     gemv_split: int = 4
     gemv_warps: int = 4
+    # Iterations the matrix-vector loops load ahead (Triton's pipelining of a `tl.range` loop, through
+    # shared memory); 1: none, each iteration waits a full memory latency for its tiles.
+    gemv_stages: int = 1
     # > 0: the matrix-vector kernels run this many programs, each looping over tiles (a persistent grid,
     # e.g. a multiple of the SM count); 0: one program per tile. Slower on an H200 in every variant tried
     # (int8 layer 133-235 us vs 118, benchmarks/results/h200_sweep_decode_persistent_session4.log).
@@ -666,11 +678,9 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     y = torch.empty(c.gemv_split, slots, dim, dtype=torch.float32, device=x.device)
     has_scales = scales is not None
     s1, s2, s3 = scales if has_scales else (w1, w2, w3)
-    block_i = c.gemv_block_i
-    if w13_block is not None:
-        block_i = c.gemv_blocked_block_i
-        if inter % block_i:
-            block_i = w13_block[0]  # divides inter (check_block): the kernel reads blocked weights unmasked
+    block_i = gemv_rows(inter, c, blocked=w13_block is not None)
+    if w13_block is not None and inter % block_i:
+        block_i = w13_block[0]  # divides inter (check_block): the kernel reads blocked weights unmasked
     i_blocks, o_blocks = triton.cdiv(inter, block_i), triton.cdiv(dim, c.gemv_down_block_o)
     persistent = c.gemv_programs > 0
     gate_up_tiles, down_tiles = slots * i_blocks, slots * o_blocks * c.gemv_split
@@ -679,13 +689,22 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
         HAS_SCALES=has_scales, MAGIC=c.int8_magic, BLOCK_I=block_i,
         BLOCK_D=_block_cols(c.gemv_block_d, w13_block), PERSISTENT=persistent, **_block_args(w13_block),
-        num_warps=c.gemv_warps)
+        STAGES=c.gemv_stages, num_warps=c.gemv_warps)
     _down_gemv_kernel[(min(down_tiles, c.gemv_programs),) if persistent else (slots, o_blocks, c.gemv_split)](
         h, w2, s2, y, experts, routing_weights.flatten().contiguous(), down_tiles,
         dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
         y.stride(0), HAS_SCALES=has_scales, MAGIC=c.int8_magic, SPLIT=c.gemv_split, BLOCK_O=c.gemv_down_block_o,
-        BLOCK_I=c.gemv_down_block_i, PERSISTENT=persistent, num_warps=c.gemv_warps)
+        BLOCK_I=c.gemv_down_block_i, PERSISTENT=persistent, STAGES=c.gemv_stages, num_warps=c.gemv_warps)
     return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+
+
+def gemv_rows(inter: int, config: MoEConfig = DEFAULT_CONFIG, blocked: bool = False) -> int:
+    """Rows of w1 / w3 per gate_up matrix-vector program for experts of `inter` rows (see
+    MoEConfig.gemv_min_row_blocks)."""
+    rows = config.gemv_blocked_block_i if blocked else config.gemv_block_i
+    while rows > config.gemv_min_block_i and -(-inter // rows) < config.gemv_min_row_blocks:
+        rows //= 2
+    return rows
 
 
 def group_slots(expert_ids: Tensor, num_experts: int, top_k: int, block_m: int) -> tuple[Tensor, ...]:

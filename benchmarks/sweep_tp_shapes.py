@@ -1,0 +1,191 @@
+"""Time the decode kernels at the shapes one rank of a tensor-parallel Mixtral-8x7B runs (one GPU call).
+
+    python benchmarks/sweep_tp_shapes.py [--world-sizes 1 2 4 8] [--parts moe linear] [--json OUT]
+
+Under tensor parallelism over W ranks a rank's experts are [E, I / W, D] (w1 / w3) and [E, D, I / W] (w2),
+its wqkv [(Q + 2 KV) / W, D] and its wo [D, Q / W]: the same bytes spread over W times fewer rows or
+columns, so tiles chosen for one GPU can leave an eighth of the work to too few programs. For each W this
+times batch-1 decode:
+
+- the whole fused MoE (gate_up + down + sums) of int8 experts (w1 / w3 in quantize.INT8_W13_BLOCK blocks,
+  as the engine stores them) and of bf16 experts, for several MoEConfig variants;
+- the int8 linear kernel at wqkv's and wo's shard, for several tiles (and the tiles `auto` would pick).
+
+Weights rotate over several layers' copies inside one CUDA graph, so that they come from device memory
+as in a real step, not from L2. Prints microseconds per call and the bandwidth of the bytes read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from gpt_fast_mixtral.kernels import linear, moe  # noqa: E402
+from gpt_fast_mixtral.quantize import INT8_W13_BLOCK  # noqa: E402
+
+E, TOP_K, D, INTER, Q, KV = 8, 2, 4096, 14336, 4096, 1024
+MOE_VARIANTS = {
+    "default": {},
+    "gu_i4": dict(gemv_blocked_block_i=4, gemv_block_i=4),
+    "gu_i8": dict(gemv_blocked_block_i=8),
+    "gu_i32": dict(gemv_blocked_block_i=32, gemv_block_i=16),
+    "w8": dict(gemv_warps=8),
+    "dn_s2": dict(gemv_split=2),
+    "dn_s1": dict(gemv_split=1),
+    "dn_o4_s2": dict(gemv_down_block_o=4, gemv_split=2),
+    "dn_o4_i1024_s1": dict(gemv_down_block_o=4, gemv_down_block_i=1024, gemv_split=1),
+    "dn_o16_i256": dict(gemv_down_block_o=16, gemv_down_block_i=256),
+    "dn_o8_i1024_s2": dict(gemv_down_block_o=8, gemv_down_block_i=1024, gemv_split=2),
+    "dn_o4_i256_s2": dict(gemv_down_block_o=4, gemv_down_block_i=256, gemv_split=2),
+    "gu_i4_dn_s1": dict(gemv_blocked_block_i=4, gemv_block_i=4, gemv_split=1),
+    "gu_i8_dn_o4_s2": dict(gemv_blocked_block_i=8, gemv_down_block_o=4, gemv_split=2),
+    # the matrix-vector loops pipelined (MoEConfig.gemv_stages)
+    "st2": dict(gemv_stages=2),
+    "st3": dict(gemv_stages=3),
+    "st4": dict(gemv_stages=4),
+    "gu_i4_st3": dict(gemv_blocked_block_i=4, gemv_block_i=4, gemv_stages=3),
+    "gu_i8_st3": dict(gemv_blocked_block_i=8, gemv_stages=3),
+    "gu_i32_st3": dict(gemv_blocked_block_i=32, gemv_block_i=16, gemv_stages=3),
+    "st3_dn_s1": dict(gemv_stages=3, gemv_split=1),
+    "st3_dn_s2": dict(gemv_stages=3, gemv_split=2),
+    "st3_dn_o4_i256_s2": dict(gemv_stages=3, gemv_down_block_o=4, gemv_down_block_i=256, gemv_split=2),
+    "gu_i8_st3_dn_o4_i256_s1": dict(gemv_blocked_block_i=8, gemv_stages=3, gemv_down_block_o=4,
+                                     gemv_down_block_i=256, gemv_split=1),
+}
+# (rows, columns, warps, stages) of the one-token tile; None: LinearConfig's default (linear.gemv_tile)
+LINEAR_TILES = [None, (2, 2048, 4, 1), (4, 1024, 4, 1), (8, 512, 4, 1), (4, 512, 4, 1), (2, 1024, 4, 1),
+                (1, 2048, 4, 1), (1, 4096, 4, 1), (2, 4096, 4, 1), (2, 4096, 8, 1), (4, 4096, 8, 1),
+                (2, 2048, 4, 2), (2, 1024, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (8, 256, 4, 4), (4, 1024, 4, 2),
+                (16, 256, 4, 4)]
+
+
+def timed_us(step, reps: int = 20) -> float:
+    """Median microseconds of one replay of a CUDA graph of `step`."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[reps // 2]
+
+
+def int8(generator: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda", generator=generator)
+
+
+def sweep_moe(world_size: int, precision: str, layers: int, rows: list[dict]) -> None:
+    inter = INTER // world_size
+    generator = torch.Generator(device="cuda").manual_seed(world_size)
+    if precision == "int8":
+        block = INT8_W13_BLOCK
+        w1s = [moe.block_rows(int8(generator, E, inter, D), block) for _ in range(layers)]
+        w3s = [moe.block_rows(int8(generator, E, inter, D), block) for _ in range(layers)]
+        w2s = [int8(generator, E, D, inter) for _ in range(layers)]
+        scales = tuple(torch.rand(E, n, device="cuda", generator=generator).bfloat16() * 1e-3
+                       for n in (inter, D, inter))
+    else:
+        block, scales = None, None
+        w1s, w3s, w2s = ([torch.randn(*shape, device="cuda", generator=generator, dtype=torch.bfloat16) * 0.02
+                          for _ in range(layers)] for shape in ((E, inter, D), (E, inter, D), (E, D, inter)))
+    ids = [torch.randperm(E, device="cuda", generator=generator)[:TOP_K].view(1, TOP_K) for _ in range(layers)]
+    routing = torch.tensor([[0.6, 0.4]], device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, D, device="cuda", generator=generator, dtype=torch.bfloat16)
+    read = TOP_K * 3 * inter * D * w1s[0].element_size()
+    base = moe.DEFAULT_CONFIG
+    reference = moe.fused_moe(x, w1s[0], w2s[0], w3s[0], routing, ids[0], scales, base, block).float()
+    for name, change in MOE_VARIANTS.items():
+        config = dataclasses.replace(base, **change)
+        try:
+            got = moe.fused_moe(x, w1s[0], w2s[0], w3s[0], routing, ids[0], scales, config, block).float()
+            error = ((got - reference).norm() / reference.norm()).item()
+            us = timed_us(lambda c=config: [moe.fused_moe(x, w1s[n], w2s[n], w3s[n], routing, ids[n], scales, c, block)
+                                            for n in range(layers)]) / layers
+        except Exception as failure:  # a tile the compiler or the kernel's constraints reject
+            print(f"moe W={world_size} {precision} {name}: failed {type(failure).__name__}: {failure}"[:200])
+            continue
+        rows.append(dict(part="moe", world_size=world_size, precision=precision, variant=name, us=us,
+                         tb_s=read / us / 1e6, rel_error=error))
+        print(f"moe    W={world_size} {precision:4} {name:16} {us:7.2f} us {read / us / 1e6:5.2f} TB/s  "
+              f"err {error:.1e}", flush=True)
+
+
+def sweep_linear(world_size: int, copies: int, rows: list[dict]) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(100 + world_size)
+    x = torch.randn(1, D, device="cuda", generator=generator, dtype=torch.bfloat16)
+    for name, (n, k) in {"wqkv": ((Q + 2 * KV) // world_size, D), "wo": (D, Q // world_size)}.items():
+        weights = [int8(generator, n, k) for _ in range(copies)]
+        scales = torch.rand(n, device="cuda", generator=generator).bfloat16() * 1e-3
+        xk = x[:, :k].contiguous()
+        reference = linear.reference_int8_linear(xk, weights[0], scales)
+        for tile in LINEAR_TILES:
+            if tile is None:
+                config, variant = linear.DEFAULT_CONFIG, "default"
+            else:
+                block_n, block_k, warps, stages = tile
+                config = linear.LinearConfig(gemv_block_n=block_n, gemv_block_k=block_k, gemv_warps=warps,
+                                             gemv_stages=stages)
+                variant = f"n{block_n}_k{block_k}_w{warps}_st{stages}"
+            got = linear.int8_linear(xk, weights[0], scales, config).float()
+            error = ((got - reference).norm() / reference.norm()).item()
+            us = timed_us(lambda c=config, x=xk, s=scales, ws=weights: [linear.int8_linear(x, w, s, c) for w in ws])
+            us /= copies
+            rows.append(dict(part=name, world_size=world_size, precision="int8", variant=variant, us=us,
+                             tb_s=n * k / us / 1e6, rel_error=error))
+            print(f"{name:6} W={world_size} int8 {variant:16} {us:7.2f} us {n * k / us / 1e6:5.2f} TB/s  "
+                  f"err {error:.1e}", flush=True)
+        del weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-sizes", type=int, nargs="*", default=[1, 2, 4, 8])
+    parser.add_argument("--parts", nargs="*", default=["moe", "linear"], choices=["moe", "linear"])
+    parser.add_argument("--precisions", nargs="*", default=["int8", "bf16"], choices=["int8", "bf16"])
+    parser.add_argument("--layers", type=int, default=8, help="copies of the experts rotated in one graph")
+    parser.add_argument("--json", type=Path, default=None)
+    options = parser.parse_args()
+    rows: list[dict] = []
+    for world_size in options.world_sizes:
+        if "moe" in options.parts:
+            for precision in options.precisions:
+                sweep_moe(world_size, precision, options.layers, rows)
+                torch.cuda.empty_cache()
+        if "linear" in options.parts:
+            sweep_linear(world_size, 32, rows)
+            torch.cuda.empty_cache()
+    best = {}
+    for row in rows:
+        key = (row["part"], row["world_size"], row["precision"])
+        if key not in best or row["us"] < best[key]["us"]:
+            best[key] = row
+    print(f"\n{'part':5} {'W':>2} {'prec':5} {'default us':>10} {'best':>16} {'us':>7} {'TB/s':>5}")
+    for (part, world_size, precision), row in best.items():
+        default = next(r["us"] for r in rows if (r["part"], r["world_size"], r["precision"]) == (part, world_size,
+                                                                                              precision)
+                       and r["variant"] == "default")
+        print(f"{part:5} {world_size:>2} {precision:5} {default:10.2f} {row['variant']:>16} {row['us']:7.2f} "
+              f"{row['tb_s']:5.2f}")
+    if options.json:
+        options.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                            "command": " ".join(sys.argv), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
