@@ -1,0 +1,115 @@
+"""Latency of one decode-sized all-reduce, by method, inside a CUDA graph (as the decode step runs them).
+
+    torchrun --standalone --nproc-per-node N benchmarks/allreduce_latency.py [--elements 4096 32768] [--json OUT]
+
+For each method (push, one-shot, nccl) and size, rank 0 prints microseconds per all-reduce:
+- "back to back": a graph of 64 all-reduces in a row: what one costs when every rank arrives at the same
+  time (kernel, NVLink and launch latency);
+- "between work": the same 64 with a fixed matrix product (~`--work-us`) between consecutive all-reduces,
+  like the layers of a decode step: the extra time over the work alone, per all-reduce.
+The tensor-parallel decode step of Mixtral runs 64 all-reduces of 4096 bf16 elements (batch 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from gpt_fast_mixtral import tp  # noqa: E402
+
+CALLS = 64
+
+
+def all_reduce(x: torch.Tensor, index: int) -> torch.Tensor:
+    """What tp's forward hooks run: the one-shot op where enabled and fitting, else NCCL."""
+    group_name = dist.group.WORLD.group_name
+    runner = tp._ONE_SHOT.get(group_name, {}).get(x.dtype)
+    if runner is not None and runner.fits(x):
+        return tp.one_shot_all_reduce(x, index % 2, group_name)
+    out = x.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def graph_us(step, replays: int = 30) -> float:
+    """Median microseconds of one replay of a CUDA graph of `step` (ranks start each replay together)."""
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(replays):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[replays // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--elements", type=int, nargs="*", default=[4096, 32768])
+    parser.add_argument("--methods", nargs="*", default=["push", "one-shot", "nccl"], choices=tp.ALL_REDUCES)
+    parser.add_argument("--work-us", type=float, default=20.0, help="about how long the product between takes")
+    parser.add_argument("--json", type=Path, default=None)
+    options = parser.parse_args()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    tp.init_process_group(device, "nccl")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    side = 2048
+    a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    b = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    matmul_us = graph_us(lambda: a @ b)
+    repeats = max(1, round(options.work_us / matmul_us))
+    rows = []
+    for method in options.methods:
+        tp._ONE_SHOT.clear()
+        if method != "nccl":
+            tp.enable_one_shot_all_reduce((torch.bfloat16,), method=method)
+        for elements in options.elements:
+            x = torch.randn(elements, device=device, dtype=torch.bfloat16)
+
+            def chain(x=x):  # independent inputs: the stream still runs them one after another
+                return [all_reduce(x, index) for index in range(CALLS)]
+
+            def between(x=x):
+                outs = []
+                for index in range(CALLS):
+                    for _ in range(repeats):
+                        a @ b
+                    outs.append(all_reduce(x, index))
+                return outs
+
+            def work_only():
+                for _ in range(CALLS * repeats):
+                    a @ b
+
+            chain_us = graph_us(chain) / CALLS
+            extra_us = (graph_us(between) - graph_us(work_only)) / CALLS
+            rows.append(dict(method=method, elements=elements, world_size=world_size, chain_us=chain_us,
+                             between_work_us=extra_us, work_us=matmul_us * repeats))
+            if rank == 0:
+                print(f"W={world_size} {method:8} {elements:6} elements: {chain_us:6.2f} us per all-reduce back to "
+                      f"back, {extra_us:6.2f} us between {matmul_us * repeats:.1f} us of work", flush=True)
+    if rank == 0 and options.json:
+        options.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                            "command": " ".join(sys.argv), "rows": rows}, indent=1))
+    tp.leave_process_group()
+
+
+if __name__ == "__main__":
+    main()
