@@ -18,10 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from graph_timing import graph_replay_us  # noqa: E402
 
 from gpt_fast_mixtral import tp  # noqa: E402
 
@@ -39,25 +40,9 @@ def all_reduce(x: torch.Tensor, index: int) -> torch.Tensor:
     return out
 
 
-def graph_us(step, replays: int = 30) -> float:
-    """Median microseconds of one replay of a CUDA graph of `step` (ranks start each replay together)."""
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(replays):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[replays // 2]
+def graph_us_all(step) -> float:
+    """Median microseconds of a replay of a CUDA graph of `step`, the ranks starting each replay together."""
+    return graph_replay_us(step, replays=30, warmups=2, before_each=dist.barrier)
 
 
 def main() -> None:
@@ -73,7 +58,7 @@ def main() -> None:
     side = 2048
     a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
     b = torch.randn(side, side, device=device, dtype=torch.bfloat16)
-    matmul_us = graph_us(lambda: a @ b)
+    matmul_us = graph_us_all(lambda: a @ b)
     repeats = max(1, round(options.work_us / matmul_us))
     rows = []
     for method in options.methods:
@@ -98,8 +83,8 @@ def main() -> None:
                 for _ in range(CALLS * repeats):
                     a @ b
 
-            chain_us = graph_us(chain) / CALLS
-            extra_us = (graph_us(between) - graph_us(work_only)) / CALLS
+            chain_us = graph_us_all(chain) / CALLS
+            extra_us = (graph_us_all(between) - graph_us_all(work_only)) / CALLS
             rows.append(dict(method=method, elements=elements, world_size=world_size, chain_us=chain_us,
                              between_work_us=extra_us, work_us=matmul_us * repeats))
             if rank == 0:

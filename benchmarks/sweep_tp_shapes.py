@@ -23,9 +23,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import torch  # noqa: E402
+from graph_timing import graph_replay_us  # noqa: E402
 
 from gpt_fast_mixtral.kernels import linear, moe  # noqa: E402
 from gpt_fast_mixtral.quantize import INT8_W13_BLOCK  # noqa: E402
@@ -66,26 +67,6 @@ LINEAR_TILES = [None, (2, 2048, 4, 1), (4, 1024, 4, 1), (8, 512, 4, 1), (4, 512,
                 (16, 256, 4, 4)]
 
 
-def timed_us(step, reps: int = 20) -> float:
-    """Median microseconds of one replay of a CUDA graph of `step`."""
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[reps // 2]
-
-
 def int8(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda", generator=generator)
 
@@ -115,8 +96,8 @@ def sweep_moe(world_size: int, precision: str, layers: int, rows: list[dict]) ->
         try:
             got = moe.fused_moe(x, w1s[0], w2s[0], w3s[0], routing, ids[0], scales, config, block).float()
             error = ((got - reference).norm() / reference.norm()).item()
-            us = timed_us(lambda c=config: [moe.fused_moe(x, w1s[n], w2s[n], w3s[n], routing, ids[n], scales, c, block)
-                                            for n in range(layers)]) / layers
+            us = graph_replay_us(lambda c=config: [moe.fused_moe(x, w1s[n], w2s[n], w3s[n], routing, ids[n], scales, c,
+                                                                 block) for n in range(layers)]) / layers
         except Exception as failure:  # a tile the compiler or the kernel's constraints reject
             print(f"moe W={world_size} {precision} {name}: failed {type(failure).__name__}: {failure}"[:200])
             continue
@@ -144,8 +125,8 @@ def sweep_linear(world_size: int, copies: int, rows: list[dict]) -> None:
                 variant = f"n{block_n}_k{block_k}_w{warps}_st{stages}"
             got = linear.int8_linear(xk, weights[0], scales, config).float()
             error = ((got - reference).norm() / reference.norm()).item()
-            us = timed_us(lambda c=config, x=xk, s=scales, ws=weights: [linear.int8_linear(x, w, s, c) for w in ws])
-            us /= copies
+            us = graph_replay_us(lambda c=config, x=xk, s=scales, ws=weights: [linear.int8_linear(x, w, s, c)
+                                                                                for w in ws]) / copies
             rows.append(dict(part=name, world_size=world_size, precision="int8", variant=variant, us=us,
                              tb_s=n * k / us / 1e6, rel_error=error))
             print(f"{name:6} W={world_size} int8 {variant:16} {us:7.2f} us {n * k / us / 1e6:5.2f} TB/s  "
