@@ -52,14 +52,16 @@ def test_one_token_linear_tiles_are_no_wider_than_the_weight_and_keep_their_size
     assert gemv_tile(k, LinearConfig(gemv_block_n=2, gemv_block_k=2048)) == tile
 
 
-@pytest.mark.parametrize(("inter", "blocked", "rows"), [
-    (14336, True, 16),  # Mixtral on one GPU: int8 (w1 / w3 in blocks) 16 rows, bf16 8
-    (14336, False, 8),
-    (7168, True, 16),  # over 2 ranks: still 448 row blocks per slot
-    (3584, True, 8),  # over 4 ranks
-    (1792, True, 4),  # over 8 ranks
-    (1792, False, 4),
-    (96, True, 4),  # never below gemv_min_block_i
+@pytest.mark.parametrize(("inter", "w13_block", "rows"), [
+    (14336, (8, 512), 16),  # Mixtral on one GPU: int8 (w1 / w3 in blocks) 16 rows, bf16 (row-major) 8
+    (14336, None, 8),
+    (7168, (8, 512), 16),  # over 2 ranks: still 448 row blocks per slot
+    (3584, (8, 512), 8),  # over 4 ranks
+    (1792, (8, 512), 4),  # over 8 ranks
+    (1792, None, 4),
+    (96, (8, 32), 4),  # never below gemv_min_block_i
+    (6, (2, 32), 2),  # blocked rows must divide the experts' rows: the block's own height does
 ])
-def test_gate_up_programs_take_fewer_rows_when_a_shard_has_few(inter: int, blocked: bool, rows: int) -> None:
-    assert gemv_rows(inter, MoEConfig(), blocked) == rows
+def test_gate_up_programs_take_fewer_rows_when_a_shard_has_few(inter: int, w13_block: tuple[int, int] | None,
+                                                               rows: int) -> None:
+    assert gemv_rows(inter, MoEConfig(), w13_block) == rows

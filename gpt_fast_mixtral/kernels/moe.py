@@ -678,9 +678,7 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     y = torch.empty(c.gemv_split, slots, dim, dtype=torch.float32, device=x.device)
     has_scales = scales is not None
     s1, s2, s3 = scales if has_scales else (w1, w2, w3)
-    block_i = gemv_rows(inter, c, blocked=w13_block is not None)
-    if w13_block is not None and inter % block_i:
-        block_i = w13_block[0]  # divides inter (check_block): the kernel reads blocked weights unmasked
+    block_i = gemv_rows(inter, c, w13_block)
     i_blocks, o_blocks = triton.cdiv(inter, block_i), triton.cdiv(dim, c.gemv_down_block_o)
     persistent = c.gemv_programs > 0
     gate_up_tiles, down_tiles = slots * i_blocks, slots * o_blocks * c.gemv_split
@@ -698,12 +696,14 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
 
 
-def gemv_rows(inter: int, config: MoEConfig = DEFAULT_CONFIG, blocked: bool = False) -> int:
-    """Rows of w1 / w3 per gate_up matrix-vector program for experts of `inter` rows (see
-    MoEConfig.gemv_min_row_blocks)."""
-    rows = config.gemv_blocked_block_i if blocked else config.gemv_block_i
+def gemv_rows(inter: int, config: MoEConfig = DEFAULT_CONFIG, w13_block: tuple[int, int] | None = None) -> int:
+    """Rows of w1 / w3 per gate_up matrix-vector program for experts of `inter` rows, stored row-major or
+    in `w13_block` blocks (see MoEConfig.gemv_min_row_blocks)."""
+    rows = config.gemv_block_i if w13_block is None else config.gemv_blocked_block_i
     while rows > config.gemv_min_block_i and -(-inter // rows) < config.gemv_min_row_blocks:
         rows //= 2
+    if w13_block is not None and inter % rows:
+        rows = w13_block[0]  # divides inter (check_block): the kernel reads blocked weights unmasked
     return rows
 
 
