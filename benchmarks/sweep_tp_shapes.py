@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -67,6 +68,14 @@ LINEAR_TILES = [None, (2, 2048, 4, 1), (4, 1024, 4, 1), (8, 512, 4, 1), (4, 512,
                 (16, 256, 4, 4)]
 
 
+VARIANT_PATTERN = re.compile("")
+
+
+def selected(variant: str) -> bool:
+    """Whether --variants picks this variant (the defaults always run: every row is compared with them)."""
+    return variant == "default" or bool(VARIANT_PATTERN.search(variant))
+
+
 def int8(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda", generator=generator)
 
@@ -92,6 +101,8 @@ def sweep_moe(world_size: int, precision: str, layers: int, rows: list[dict]) ->
     base = moe.DEFAULT_CONFIG
     reference = moe.fused_moe(x, w1s[0], w2s[0], w3s[0], routing, ids[0], scales, base, block).float()
     for name, change in MOE_VARIANTS.items():
+        if not selected(name):
+            continue
         config = dataclasses.replace(base, **change)
         try:
             got = moe.fused_moe(x, w1s[0], w2s[0], w3s[0], routing, ids[0], scales, config, block).float()
@@ -123,6 +134,8 @@ def sweep_linear(world_size: int, copies: int, rows: list[dict]) -> None:
                 config = linear.LinearConfig(gemv_block_n=block_n, gemv_block_k=block_k, gemv_warps=warps,
                                              gemv_stages=stages)
                 variant = f"n{block_n}_k{block_k}_w{warps}_st{stages}"
+            if not selected(variant):
+                continue
             got = linear.int8_linear(xk, weights[0], scales, config).float()
             error = ((got - reference).norm() / reference.norm()).item()
             us = graph_replay_us(lambda c=config, x=xk, s=scales, ws=weights: [linear.int8_linear(x, w, s, c)
@@ -141,7 +154,10 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="*", default=["int8", "bf16"], choices=["int8", "bf16"])
     parser.add_argument("--layers", type=int, default=8, help="copies of the experts rotated in one graph")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--variants", default="", help="regular expression: run only the variants it finds")
     options = parser.parse_args()
+    global VARIANT_PATTERN
+    VARIANT_PATTERN = re.compile(options.variants)
     rows: list[dict] = []
     for world_size in options.world_sizes:
         if "moe" in options.parts:

@@ -339,17 +339,26 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
-        attended = self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len)
-        moe = self.block_sparse_moe
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None,
+                normed: Tensor | None = None, next_norm: RMSNorm | None = None) -> tuple[Tensor, Tensor | None]:
+        """The block's output for x [B, T, D], and next_norm(output) where the block computed it on the way
+        (tp.TensorParallelBlock fuses it into its last all-reduce; None here). `normed`: attention_norm(x),
+        when the block before computed it."""
+        attended = self.attention(self.attention_norm(x) if normed is None else normed, cos, sin, input_pos, kv_len)
+        h, moe_input, routing = self.residual_norm_route(x, attended)
+        return h + self.block_sparse_moe(moe_input, routing=routing), None
+
+    def residual_norm_route(self, x: Tensor, attended: Tensor
+                            ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """h = x + attended, ffn_norm(h) and, from the fused kernel, its routing (None: the MoE block routes)."""
         if self.fused_router and router_kernels.available(x):
-            shape = x.shape
+            moe, shape = self.block_sparse_moe, x.shape
             h, normed, weights, ids = router_kernels.residual_norm_route(
                 x.reshape(-1, shape[-1]).contiguous(), attended.reshape(-1, shape[-1]).contiguous(),
                 self.ffn_norm.weight, self.ffn_norm.eps, moe.gate.weight, moe.top_k)
-            return h.view(shape) + moe(normed.view(shape), routing=(weights, ids))
+            return h.view(shape), normed.view(shape), (weights, ids)
         h = x + attended
-        return h + moe(self.ffn_norm(h))
+        return h, self.ffn_norm(h), None
 
 
 class Transformer(nn.Module):
@@ -399,8 +408,12 @@ class Transformer(nn.Module):
         rope = self.rope[input_pos]
         cos, sin = rope[..., 0].unsqueeze(2), rope[..., 1].unsqueeze(2)
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, kv_len)
+        normed = None  # the next norm's output, where a block computed it (see TransformerBlock.forward)
+        for index, layer in enumerate(self.layers):
+            next_norm = self.layers[index + 1].attention_norm if index + 1 < len(self.layers) else self.norm
+            x, normed = layer(x, cos, sin, input_pos, kv_len, normed, next_norm)
         if logits_index is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), logits_index][:, None]
-        return self.output(self.norm(x))
+            rows = torch.arange(x.shape[0], device=x.device)
+            x = x[rows, logits_index][:, None]
+            normed = None if normed is None else normed[rows, logits_index][:, None]
+        return self.output(self.norm(x) if normed is None else normed)

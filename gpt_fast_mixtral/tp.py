@@ -11,9 +11,10 @@ how the experts are split:
   expert contributes nothing locally.
 
 In both, the output of each attention block and of each MoE block is a partial sum on every rank, and
-one all-reduce completes it: two all-reduces per layer. They are forward hooks on the Attention and
-MOEFeedForward modules (which quantization never swaps), so model.py has no parallel branches. They use
-functional collectives, which `torch.compile(fullgraph=True)` traces into a CUDA-graph decode step.
+one all-reduce completes it: two all-reduces per layer. Sharding turns each block into a
+TensorParallelBlock (same modules and weights), which runs them, so model.py has no parallel branches.
+NCCL's go through functional collectives and ours through custom ops, which
+`torch.compile(fullgraph=True)` traces into a CUDA-graph decode step.
 
 Attention under "ep" is split rather than replicated: replication would keep the whole KV cache and the
 whole attention weights on every rank and repeat the same attention work W times, to save an all-reduce
@@ -37,7 +38,14 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from gpt_fast_mixtral.config import ModelArgs
-from gpt_fast_mixtral.model import Attention, ConditionalFeedForward, MOEFeedForward, Transformer
+from gpt_fast_mixtral.model import (
+    Attention,
+    ConditionalFeedForward,
+    MOEFeedForward,
+    RMSNorm,
+    Transformer,
+    TransformerBlock,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +244,58 @@ def _(x: Tensor, buffer_index: int, group_name: str) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def all_reduce(x: Tensor, group: dist.ProcessGroup | None, buffer_index: int) -> Tensor:
+    """Sum of x over the ranks of `group` (default: the world): one-shot through symmetric buffer
+    `buffer_index` when enabled and x fits, else NCCL (gloo on CPUs)."""
+    group_name = (group or dist.group.WORLD).group_name
+    runner = _ONE_SHOT.get(group_name, {}).get(x.dtype)
+    if runner is not None and runner.fits(x):
+        return one_shot_all_reduce(x, buffer_index, group_name)
+    # wait_tensor hands back a plain tensor: the AsyncCollectiveTensor subclass that funcol returns
+    # would otherwise travel through the rest of the eager forward pass.
+    return funcol.wait_tensor(funcol.all_reduce(x, "sum", group or dist.group.WORLD))
+
+
+def push_runner(group: dist.ProcessGroup | None, x: Tensor, gate_weight: Tensor | None = None):
+    """The push all-reduce of `group` for x's dtype if it can also fuse the residual add and norm (and the
+    routing, with gate_weight) for x [N, D] (see kernels.allreduce.PushAllReduce.residual_norm); else None."""
+    runner = _ONE_SHOT.get((group or dist.group.WORLD).group_name, {}).get(x.dtype)
+    if isinstance(runner, _PushOneShot) and runner.run.fits_rows(x, gate_weight):
+        return runner
+    return None
+
+
+@torch.library.custom_op("gpt_fast_mixtral::push_residual_norm", mutates_args=())
+def push_residual_norm(partial: Tensor, x: Tensor, norm_weight: Tensor, eps: float,
+                       group_name: str) -> tuple[Tensor, Tensor]:
+    """h = x + the sum of `partial` over the ranks, and RMSNorm(h) * norm_weight, for [N, D] rows: one
+    kernel (PushAllReduce.residual_norm). Opaque to torch.compile, as one_shot_all_reduce."""
+    return _ONE_SHOT[group_name][partial.dtype].run.residual_norm(partial, x, norm_weight, eps)
+
+
+@push_residual_norm.register_fake
+def _(partial: Tensor, x: Tensor, norm_weight: Tensor, eps: float, group_name: str) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("gpt_fast_mixtral::push_residual_norm_route", mutates_args=())
+def push_residual_norm_route(partial: Tensor, x: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
+                             top_k: int, group_name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """push_residual_norm and the routing of the normed rows (weights [N, top_k] in x's dtype, int64
+    expert ids), as kernels.router.residual_norm_route does after a separate all-reduce."""
+    return _ONE_SHOT[group_name][partial.dtype].run.residual_norm(partial, x, norm_weight, eps, gate_weight, top_k)
+
+
+@push_residual_norm_route.register_fake
+def _(partial: Tensor, x: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor, top_k: int,
+      group_name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    rows = x.shape[0]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(rows, top_k), x.new_empty(rows, top_k, dtype=torch.int64))
+
+
 def leave_process_group(timeout_s: float = 120.0) -> None:
     """Wait until every rank got here, then leave the process group; call it once the work is done.
 
@@ -283,8 +343,8 @@ def apply_tensor_parallel(model: Transformer, rank: int, world_size: int, mode: 
         else:
             moe.cond_ffn = shard.experts_whole(moe.cond_ffn)
         if world_size > 1:
-            layer.attention.register_forward_hook(_all_reduce_output(group, buffer_index=0))
-            moe.register_forward_hook(_all_reduce_output(group, buffer_index=1))
+            layer.__class__ = TensorParallelBlock  # same modules and weights; it adds the all-reduces
+            layer.group = group
     model.parallelism = Parallelism(mode, rank, world_size)
     return model
 
@@ -313,20 +373,39 @@ class ExpertParallelExperts(nn.Module):
         return self.experts(x, expert_weights.masked_fill(~here, 0), local.masked_fill(~here, -1))
 
 
-def _all_reduce_output(group: dist.ProcessGroup | None, buffer_index: int):
-    """A forward hook that replaces a module's output (this rank's partial sum) by the sum over ranks:
-    one-shot through symmetric buffer `buffer_index` when enabled and the output fits, else NCCL."""
+class TensorParallelBlock(TransformerBlock):
+    """A TransformerBlock whose attention and experts hold one rank's share (either mode): their outputs
+    are partial sums, which it all-reduces over `group`.
 
-    def hook(module: nn.Module, inputs: tuple[object, ...], output: Tensor) -> Tensor:
-        group_name = (group or dist.group.WORLD).group_name
-        runner = _ONE_SHOT.get(group_name, {}).get(output.dtype)
-        if runner is not None and runner.fits(output):
-            return one_shot_all_reduce(output, buffer_index, group_name)
-        # wait_tensor hands back a plain tensor: the AsyncCollectiveTensor subclass that funcol returns
-        # would otherwise travel through the rest of the eager forward pass.
-        return funcol.wait_tensor(funcol.all_reduce(output, "sum", group or dist.group.WORLD))
+    With the push all-reduce (and the fused router), each all-reduce is one kernel together with what
+    follows it: after the attention, the residual add, ffn_norm and the routing; after the experts, the
+    residual add and the next block's attention_norm (or the final norm), which it returns for the next
+    block. A decode layer then runs the push kernel twice instead of the all-reduce, router, all-reduce
+    and residual + norm kernels. Otherwise (other all-reduces, prefill-sized rows) the plain block's
+    steps with tp.all_reduce after the attention and the experts.
+    """
 
-    return hook
+    group: dist.ProcessGroup | None = None
+    # False: the separate all-reduce kernels even where the fused ones apply (comparisons:
+    # scripts/benchmark.py --no-fused-all-reduce)
+    fused_all_reduce = True
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None,
+                normed: Tensor | None = None, next_norm: RMSNorm | None = None) -> tuple[Tensor, Tensor | None]:
+        attended = self.attention(self.attention_norm(x) if normed is None else normed, cos, sin, input_pos, kv_len)
+        moe, shape = self.block_sparse_moe, x.shape
+        rows = attended.reshape(-1, shape[-1])
+        if next_norm is None or not (self.fused_all_reduce and self.fused_router
+                                     and push_runner(self.group, rows, moe.gate.weight)):
+            h, moe_input, routing = self.residual_norm_route(x, all_reduce(attended, self.group, 0))
+            return h + all_reduce(moe(moe_input, routing=routing), self.group, 1), None
+        group_name = (self.group or dist.group.WORLD).group_name
+        h, moe_input, weights, ids = push_residual_norm_route(
+            rows, x.reshape(-1, shape[-1]), self.ffn_norm.weight, self.ffn_norm.eps, moe.gate.weight, moe.top_k,
+            group_name)
+        experts = moe(moe_input.view(shape), routing=(weights, ids)).reshape(-1, shape[-1])
+        out, normed = push_residual_norm(experts, h, next_norm.weight, next_norm.eps, group_name)
+        return out.view(shape), normed.view(shape)
 
 
 class _Sharder:

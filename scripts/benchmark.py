@@ -47,6 +47,7 @@ from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
 from gpt_fast_mixtral.tp import (  # noqa: E402
     ALL_REDUCES,
     PARALLEL_MODES,
+    TensorParallelBlock,
     apply_tensor_parallel,
     init_process_group,
     leave_process_group,
@@ -267,6 +268,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         TransformerBlock.fused_router = options.fused_router
     if options.fused_rope_cache is not None:
         Attention.fused_rope_cache = options.fused_rope_cache
+    if options.fused_all_reduce is not None:
+        TensorParallelBlock.fused_all_reduce = options.fused_all_reduce
     if options.grouped_min_slots is not None:
         moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
                                                          grouped_min_slots=options.grouped_min_slots)
@@ -328,6 +331,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "parallel": options.parallel or "none",
         "world_size": world_size,
         "all_reduce": (options.all_reduce if cuda else "gloo") if options.parallel else None,
+        "fused_all_reduce": TensorParallelBlock.fused_all_reduce if options.parallel else None,
         "batch_size": options.batch_size,
         "prompt_len": options.prompt_len,
         "new_tokens": options.new_tokens,
@@ -413,6 +417,9 @@ def parse_args() -> argparse.Namespace:
                         help="decode-sized all-reduces through symmetric memory (tp.enable_one_shot_all_reduce) "
                              "by our push kernel (kernels/allreduce.py, the default) or by PyTorch's one-shot "
                              "kernel; nccl: all through NCCL")
+    parser.add_argument("--fused-all-reduce", action=argparse.BooleanOptionalAction, default=None,
+                        help="push all-reduces fused with the residual add, the norm and the routing (default: "
+                             "tp.TensorParallelBlock.fused_all_reduce, on; applies with --all-reduce push)")
     parser.add_argument("--baseline-json", type=Path, default=None,
                         help="a single-GPU result of the same session: adds speedup_vs_single")
     parser.add_argument("--batch-size", type=int, default=1)

@@ -255,6 +255,52 @@ def check_push_all_reduce() -> None:
     print("push all-reduce: sums, resets and phases")
 
 
+def check_push_residual_norm() -> None:
+    """The fused push all-reduce (PushAllReduce.residual_norm) on one rank, its peers played by this process
+    as in check_push_all_reduce, in turn with the plain kernel on the same buffers and counters: h, the
+    normed rows and the routing equal kernels.router's reference on the all-reduced sum; our part reaches
+    the peers, our slots are empty again and the phases advance alike."""
+    world, rank, capacity, dtype = 3, 2, 400, torch.float32
+    bits, empty = allreduce.bits_dtype(dtype), allreduce.sentinel(dtype)
+    buffers = [torch.full((allreduce.buffer_elements(world, capacity),), empty, dtype=bits) for _ in range(world)]
+    addresses = torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64)
+    counters = torch.zeros(3, dtype=torch.int32)  # 3 programs: 5 rows make programs loop
+    run = allreduce.PushAllReduce(dtype, rank, world, capacity, addresses, counters, block=128)
+    generator = torch.Generator().manual_seed(1)
+    norm_weight = torch.rand(40, generator=generator) + 0.5
+    gate = torch.randn(5, 40, generator=generator)
+    for call, (rows, fused, route) in enumerate([(5, True, True), (1, False, False), (3, True, False),
+                                                 (5, True, True), (2, False, False)]):
+        phase = call % allreduce.PHASES
+        numel = rows * 40
+        slot = [phase * world * capacity + source * capacity for source in range(world)]
+        parts = [torch.randn(rows, 40, generator=generator) for _ in range(world)]
+        parts[rank][:, ::9] = -0.0
+        for source in range(world):
+            if source != rank:
+                buffers[rank][slot[source]:slot[source] + numel] = parts[source].flatten().view(bits)
+        if fused:
+            x = torch.randn(rows, 40, generator=generator)
+            got = run.residual_norm(parts[rank], x, norm_weight, 1e-5, gate if route else None, 2)
+            expected = router.reference_residual_norm_route(x, allreduce.reference_all_reduce(parts), norm_weight,
+                                                            1e-5, gate, 2)
+            for name, a, b in zip(("h", "normed", "weights", "ids"), got, expected, strict=False):
+                assert a.shape == b.shape and a.dtype == b.dtype, (call, name)
+                assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), (call, name)
+        else:
+            assert torch.equal(run(parts[rank]), allreduce.reference_all_reduce(parts)), call
+        assert (buffers[rank] == empty).all(), call
+        sent = torch.where(parts[rank] == 0, 0.0, parts[rank]).flatten()
+        for peer in range(world):
+            if peer != rank:
+                received = buffers[peer][slot[rank]:slot[rank] + numel]
+                assert torch.equal(received, sent.view(bits)), (call, peer)
+                received.fill_(empty)
+            assert (buffers[peer] == empty).all(), (call, peer)
+        assert counters.tolist() == [(call + 1) % allreduce.PHASES] * 3
+    print("push all-reduce with residual, norm and routing: sums, resets and phases")
+
+
 def main() -> None:
     small_tiles = dict(grouped_block_m=32, grouped_block_n=32, grouped_block_k=32, grouped_down_block_n=32)
     prefill_shapes = [(3, 5, 3, 96, 200), (50, 8, 2, 64, 128)]
@@ -284,6 +330,7 @@ def main() -> None:
     check_group_slots()
     check_model_decode_step()
     check_push_all_reduce()
+    check_push_residual_norm()
     print("all kernel checks passed")
 
 

@@ -183,3 +183,20 @@ def test_push_all_reduce_sends_and_polls_16_bytes_at_a_time(dtype: str) -> None:
     assert "st.global.v4.b32" in ptx
     assert "ld.volatile.global.v4.b32" in ptx
     assert "ld.volatile.global.b16" not in ptx and "ld.volatile.global.b32" not in ptx
+
+
+@pytest.mark.parametrize("route", [True, False])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_fused_push_all_reduce_sends_and_polls_16_bytes_at_a_time(dtype: str, route: bool) -> None:
+    """The push all-reduce fused with the residual add, the norm and the routing (Mixtral's 4096-wide rows,
+    16 warps as PushAllReduce.residual_norm launches it) pushes and polls as the plain kernel does."""
+    import triton.language as tl
+
+    bits, empty = (tl.int16, -(1 << 15)) if dtype == "bf16" else (tl.int32, -(1 << 31))
+    constexprs = dict(BITS=bits, RANK=1, WORLD=8, PHASES=3, SENTINEL=empty, BLOCK_D=4096, ROUTE=route, TOP_K=2,
+                      BLOCK_K=2, BLOCK_E=8)
+    types = [f"*{dtype}"] * 7 + ["*i64", "*i64", "*i32", "i32", "i32", "i32", "fp32", "i32"] + ["i32"] * 5
+    ptx = compile_for_hopper(allreduce._push_residual_norm_kernel, types, constexprs, num_warps=16).asm["ptx"]
+    assert "st.global.v4.b32" in ptx
+    assert "ld.volatile.global.v4.b32" in ptx
+    assert "ld.volatile.global.b16" not in ptx and "ld.volatile.global.b32" not in ptx

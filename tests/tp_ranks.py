@@ -180,8 +180,63 @@ def run_all_reduce(_: Path, rank: int, world_size: int) -> dict[str, Any]:
                 if not torch.equal(output, reference):
                     wrong.append((str(dtype), "graph", replay, index))
                 calls += 1
+        if os.environ.get("TP_TEST_ALL_REDUCE") == "push":
+            wrong += fused_all_reduce_errors(dtype, parts, rank)
     torch.cuda.synchronize()
     return {"wrong": wrong, "calls": calls, "to_nccl": sorted(to_nccl)}
+
+
+def fused_all_reduce_errors(dtype: torch.dtype, parts, rank: int) -> list[tuple]:
+    """The push all-reduce fused with the residual add, the norm and the routing (tp.push_residual_norm and
+    push_residual_norm_route, eagerly and in a CUDA graph) against kernels.router's reference on the
+    rank-order sum; returns what differed."""
+    from gpt_fast_mixtral.kernels.allreduce import reference_all_reduce
+    from gpt_fast_mixtral.kernels.router import reference_residual_norm_route
+    from gpt_fast_mixtral.tp import push_residual_norm, push_residual_norm_route
+
+    device, dim, group_name = rank_device(), 4096, torch.distributed.group.WORLD.group_name
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    generator = torch.Generator(device).manual_seed(7)  # the same on every rank: replicated weights
+    norm_weight = (torch.rand(dim, generator=generator, device=device) + 0.5).to(dtype)
+    gate = (torch.randn(8, dim, generator=generator, device=device) * 0.05).to(dtype)
+
+    def check(label, got, partials, x) -> list[tuple]:
+        expected = reference_residual_norm_route(x, reference_all_reduce(partials), norm_weight, 1e-5, gate, 2)
+        errors = []
+        if not torch.equal(got[0], expected[0]):
+            errors.append((str(dtype), label, "h"))
+        if (got[1].float() - expected[1].float()).norm() > bound * expected[1].float().norm():
+            errors.append((str(dtype), label, "normed"))
+        if len(got) == 4:
+            # the same experts wherever the k-th and the next logit are not within rounding of each other
+            logits = (expected[1].float() @ gate.float().T).sort(dim=1, descending=True).values
+            clear = logits[:, 1] - logits[:, 2] > 0.05
+            if (got[3] != expected[3])[clear].any():
+                errors.append((str(dtype), label, "ids"))
+        return errors
+
+    errors = []
+    for call, rows in enumerate([1, 3, 8, 1, 5, 2]):
+        drawn = [part.view(rows, dim) for part in parts(500 + call, rows * dim, dtype)]
+        x = parts(900 + call, rows * dim, dtype)[0].view(rows, dim)
+        if call % 2:
+            got = push_residual_norm(drawn[rank], x, norm_weight, 1e-5, group_name)
+        else:
+            got = push_residual_norm_route(drawn[rank], x, norm_weight, 1e-5, gate, 2, group_name)
+        errors += check(f"eager {call}", got, drawn, x)
+    # in a CUDA graph, between two plain all-reduces (the phases are shared)
+    static = torch.zeros(3, dim, dtype=dtype, device=device)
+    x = torch.zeros_like(static)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = push_residual_norm_route(static, x, norm_weight, 1e-5, gate, 2, group_name)
+    for replay in range(4):
+        drawn = [part.view(3, dim) for part in parts(700 + replay, 3 * dim, dtype)]
+        static.copy_(drawn[rank])
+        x.copy_(parts(800 + replay, 3 * dim, dtype)[1].view(3, dim))
+        graph.replay()
+        errors += check(f"graph {replay}", outputs, drawn, x)
+    return errors
 
 
 @contextlib.contextmanager

@@ -24,6 +24,11 @@ phase counter (`counters[pid]`), and the grid is always the same `programs` wide
 its share of the elements), so every counter steps once per call and they all agree, on every rank, under
 CUDA graph replay too (a capture runs nothing, on every rank alike).
 
+`PushAllReduce.residual_norm` is the same exchange fused with what a tensor-parallel block does with the
+sum (tp.TensorParallelBlock): one program per row waits for the whole row, adds the residual, normalises
+it and, after the attention, routes it to its experts (kernels.router's arithmetic). It shares the
+buffers, the counters and the grid of the plain kernel, so the two may follow each other in any order.
+
 All ranks must run the same sequence of all-reduces (what tensor parallel decode does). A rank that never
 arrives leaves its peers spinning: the caller's timeout (torchrun, TorchServe) is the guard, as for NCCL.
 """
@@ -36,8 +41,14 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+
+    from gpt_fast_mixtral.kernels.router import normed_row, rms_rstd, store_routing
 except ImportError:  # CPU-only installs
     triton = None
+
+# Elements of a row that the fused kernels (PushAllReduce.residual_norm) hold in registers, and of the
+# router weights with it (kernels.router.SINGLE_PASS_ELEMENTS): wider models take the separate kernels.
+ROW_ELEMENTS = 1 << 14
 
 PHASES = 3
 # Elements per program and chunk, and programs per launch (the grid never changes; see the counters above):
@@ -106,6 +117,56 @@ if triton is not None:
             tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(counters_ptr + pid, (phase + 1) % PHASES)
 
+    @triton.jit
+    def _push_residual_norm_kernel(part_ptr, x_ptr, h_ptr, normed_ptr, norm_w_ptr, gate_w_ptr, weights_ptr, ids_ptr,
+                                   buffers_ptr, counters_ptr, rows, dim, num_experts, eps, capacity,
+                                   stride_part, stride_x, stride_h, stride_normed, stride_gate,
+                                   BITS: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                                   PHASES: tl.constexpr, SENTINEL: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   ROUTE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   BLOCK_E: tl.constexpr):
+        """The push all-reduce of `rows` rows of `dim` partial sums, one whole row per program at a time, and
+        what the model does next with the sum: h = x + sum, normed = RMSNorm(h) and, with ROUTE, the routing
+        of normed (kernels.router). Slots, phases and counters as _push_all_reduce_kernel (the same grid, so
+        both kernels may share one buffer and its counters); row r's elements sit at r * dim."""
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        phase = tl.load(counters_ptr + pid)
+        own = tl.multiple_of(tl.load(buffers_ptr + RANK).to(tl.pointer_type(BITS)), 16)
+        phase_base = phase.to(tl.int64) * WORLD * capacity
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < dim
+        for row in range(pid, rows, programs):
+            bits = tl.load(part_ptr + row * stride_part + offs_d, mask=mask_d).to(BITS, bitcast=True)
+            bits = tl.where(bits == SENTINEL, 0, bits)  # -0.0 is sent as +0.0
+            for peer in tl.static_range(WORLD):
+                dst = tl.multiple_of(tl.load(buffers_ptr + peer).to(tl.pointer_type(BITS)), 16)
+                tl.store(dst + phase_base + RANK * capacity + row * dim + offs_d, bits, mask=mask_d)
+        norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
+        if ROUTE:  # loaded while the peers' parts are on their way
+            offs_e = tl.arange(0, BLOCK_E)
+            gate_w = tl.load(gate_w_ptr + offs_e[:, None] * stride_gate + offs_d[None, :],
+                             mask=(offs_e < num_experts)[:, None] & mask_d[None, :], other=0.0)
+        for row in range(pid, rows, programs):
+            x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
+            total = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for src in tl.static_range(WORLD):
+                slot = own + phase_base + src * capacity + row * dim + offs_d
+                got = tl.load(slot, mask=mask_d, other=0, volatile=True)
+                while tl.max((got == SENTINEL).to(tl.int32), axis=0) > 0:
+                    got = tl.load(slot, mask=mask_d, other=0, volatile=True)
+                total += got.to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+                tl.store(slot, tl.full([BLOCK_D], SENTINEL, BITS), mask=mask_d)
+            h = x + total.to(x_ptr.dtype.element_ty)  # the all-reduce's output, then the residual add
+            tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask_d)
+            normed = normed_row(h, norm_w, rms_rstd(h, dim, eps))
+            tl.store(normed_ptr + row * stride_normed + offs_d, normed, mask=mask_d)
+            if ROUTE:
+                logits = tl.sum(gate_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
+                store_routing(logits.to(x_ptr.dtype.element_ty), row, num_experts, weights_ptr, ids_ptr, TOP_K,
+                              BLOCK_K, BLOCK_E)
+        tl.store(counters_ptr + pid, (phase + 1) % PHASES)
+
     _TL_BITS = {torch.int16: tl.int16, torch.int32: tl.int32}
 
 
@@ -130,6 +191,45 @@ class PushAllReduce:
 
     def fits(self, x: Tensor) -> bool:
         return x.dtype == self.dtype and x.numel() <= self.capacity
+
+    def fits_rows(self, partial: Tensor, gate_weight: Tensor | None = None) -> bool:
+        """Whether residual_norm takes this partial sum [N, D] (and router weights [E, D])."""
+        from gpt_fast_mixtral.kernels.router import SINGLE_PASS_ELEMENTS
+
+        width = triton.next_power_of_2(partial.shape[-1])
+        return self.fits(partial) and width <= ROW_ELEMENTS and (
+            gate_weight is None or max(2, triton.next_power_of_2(gate_weight.shape[0])) * width
+            <= SINGLE_PASS_ELEMENTS)
+
+    def residual_norm(self, partial: Tensor, x: Tensor, norm_weight: Tensor, eps: float,
+                      gate_weight: Tensor | None = None, top_k: int = 0) -> tuple[Tensor, ...]:
+        """For this rank's partial sum and the residual x, both [N, D] in this runner's dtype: h = x + the
+        all-reduced sum and normed = RMSNorm(h) * norm_weight (as model.RMSNorm rounds), and with
+        gate_weight [E, D] the routing of normed (weights [N, top_k] in x's dtype, int64 ids; as
+        kernels.router.residual_norm_route). One kernel."""
+        if not self.fits_rows(partial, gate_weight) or x.shape != partial.shape or x.dtype != partial.dtype:
+            raise ValueError(f"fused push all-reduce of {self.dtype} rows up to {ROW_ELEMENTS} wide and "
+                             f"{self.capacity} elements, got {partial.dtype} {tuple(partial.shape)} and x "
+                             f"{x.dtype} {tuple(x.shape)}")
+        partial, x = partial.contiguous(), x.contiguous()
+        rows, dim = partial.shape
+        h, normed = torch.empty_like(x), torch.empty_like(x)
+        route = gate_weight is not None
+        if route:
+            num_experts = gate_weight.shape[0]
+            weights = torch.empty(rows, top_k, dtype=x.dtype, device=x.device)
+            ids = torch.empty(rows, top_k, dtype=torch.int64, device=x.device)
+        else:  # placeholders, never touched
+            num_experts, gate_weight, weights, ids = 1, norm_weight, h, h
+        _push_residual_norm_kernel[(self.counters.numel(),)](
+            partial, x, h, normed, norm_weight, gate_weight, weights, ids, self.buffers, self.counters, rows, dim,
+            num_experts, eps, self.capacity, partial.stride(0), x.stride(0), h.stride(0), normed.stride(0),
+            gate_weight.stride(0), BITS=self.constants["BITS"], RANK=self.constants["RANK"],
+            WORLD=self.constants["WORLD"], PHASES=PHASES, SENTINEL=self.constants["SENTINEL"],
+            BLOCK_D=triton.next_power_of_2(dim), ROUTE=route, TOP_K=max(top_k, 1),
+            BLOCK_K=max(2, triton.next_power_of_2(top_k)), BLOCK_E=max(2, triton.next_power_of_2(num_experts)),
+            num_warps=16)
+        return (h, normed, weights, ids) if route else (h, normed)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.fits(x):

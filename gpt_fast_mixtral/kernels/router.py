@@ -55,7 +55,12 @@ if triton is not None:
                 + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))
 
     @triton.jit
-    def _normed(h, norm_w, rstd):
+    def rms_rstd(h, dim, eps):
+        """1 / sqrt(mean(h ** 2) + eps) in float32 of a row held whole (masked columns zero)."""
+        return 1.0 / tl.sqrt(tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=0) / dim + eps)
+
+    @triton.jit
+    def normed_row(h, norm_w, rstd):
         """(h * rstd) rounded to the activation dtype, then times the weight, rounded: as model.RMSNorm."""
         return (norm_w.to(tl.float32) * (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)).to(h.dtype)
 
@@ -81,8 +86,8 @@ if triton is not None:
             norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
             h = _residual(x_ptr, delta_ptr, row, stride_x, stride_delta, offs_d, mask_d)
             tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask_d)
-            rstd = 1.0 / tl.sqrt(tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=0) / dim + eps)
-            normed = _normed(h, norm_w, rstd)
+            rstd = rms_rstd(h, dim, eps)
+            normed = normed_row(h, norm_w, rstd)
             tl.store(normed_ptr + row * stride_normed + offs_d, normed, mask=mask_d)
             logits = tl.sum(gate_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
         else:
@@ -101,13 +106,22 @@ if triton is not None:
                 # h again from x and delta (this program's own stores to h need not be visible to its threads)
                 h = _residual(x_ptr, delta_ptr, row, stride_x, stride_delta, offs_d, mask_d)
                 norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
-                normed = _normed(h, norm_w, rstd)
+                normed = normed_row(h, norm_w, rstd)
                 tl.store(normed_ptr + row * stride_normed + offs_d, normed, mask=mask_d)
                 gate_w = tl.load(gate_w_ptr + offs_e[:, None] * stride_gate + offs_d[None, :],
                                  mask=mask_e[:, None] & mask_d[None, :], other=0.0)
                 logits += tl.sum(gate_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
-        logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)  # F.linear returns the activation dtype
-        logits = tl.where(mask_e, logits, float("-inf"))
+        store_routing(logits.to(x_ptr.dtype.element_ty), row, num_experts, weights_ptr, ids_ptr, TOP_K, BLOCK_K,
+                      BLOCK_E)
+
+    @triton.jit
+    def store_routing(logits, row, num_experts, weights_ptr, ids_ptr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_E: tl.constexpr):
+        """Softmax in float32 of one row's router logits (BLOCK_E of them, in the activation dtype as
+        F.linear returns them), top-k, renormalised: weights (weights_ptr's dtype) and ids (int64) of `row`."""
+        offs_e = tl.arange(0, BLOCK_E)
+        mask_e = offs_e < num_experts
+        logits = tl.where(mask_e, logits.to(tl.float32), float("-inf"))
         probs = tl.exp(logits - tl.max(logits, axis=0))
         probs = tl.where(mask_e, probs / tl.sum(probs, axis=0), -1.0)
         # Top-k by k max-reductions; ties go to the lowest expert id.
