@@ -256,13 +256,11 @@ def all_reduce(x: Tensor, group: dist.ProcessGroup | None, buffer_index: int) ->
     return funcol.wait_tensor(funcol.all_reduce(x, "sum", group or dist.group.WORLD))
 
 
-def push_runner(group: dist.ProcessGroup | None, x: Tensor, gate_weight: Tensor | None = None):
-    """The push all-reduce of `group` for x's dtype if it can also fuse the residual add and norm (and the
-    routing, with gate_weight) for x [N, D] (see kernels.allreduce.PushAllReduce.residual_norm); else None."""
+def push_fuses(group: dist.ProcessGroup | None, x: Tensor, gate_weight: Tensor | None = None) -> bool:
+    """Whether `group` all-reduces x's dtype by the push method and can fuse the residual add and norm (and
+    the routing, with gate_weight) for x [N, D] (kernels.allreduce.PushAllReduce.residual_norm)."""
     runner = _ONE_SHOT.get((group or dist.group.WORLD).group_name, {}).get(x.dtype)
-    if isinstance(runner, _PushOneShot) and runner.run.fits_rows(x, gate_weight):
-        return runner
-    return None
+    return isinstance(runner, _PushOneShot) and runner.run.fits_rows(x, gate_weight)
 
 
 @torch.library.custom_op("gpt_fast_mixtral::push_residual_norm", mutates_args=())
@@ -396,7 +394,7 @@ class TensorParallelBlock(TransformerBlock):
         moe, shape = self.block_sparse_moe, x.shape
         rows = attended.reshape(-1, shape[-1])
         if next_norm is None or not (self.fused_all_reduce and self.fused_router
-                                     and push_runner(self.group, rows, moe.gate.weight)):
+                                     and push_fuses(self.group, rows, moe.gate.weight)):
             h, moe_input, routing = self.residual_norm_route(x, all_reduce(attended, self.group, 0))
             return h + all_reduce(moe(moe_input, routing=routing), self.group, 1), None
         group_name = (self.group or dist.group.WORLD).group_name

@@ -42,12 +42,12 @@ try:
     import triton
     import triton.language as tl
 
-    from gpt_fast_mixtral.kernels.router import normed_row, rms_rstd, store_routing
+    from gpt_fast_mixtral.kernels.router import normed_row, rms_rstd, single_pass, store_routing
 except ImportError:  # CPU-only installs
     triton = None
 
 # Elements of a row that the fused kernels (PushAllReduce.residual_norm) hold in registers, and of the
-# router weights with it (kernels.router.SINGLE_PASS_ELEMENTS): wider models take the separate kernels.
+# router weights with it (kernels.router.single_pass): wider models take the separate kernels.
 ROW_ELEMENTS = 1 << 14
 
 PHASES = 3
@@ -86,6 +86,31 @@ def reference_all_reduce(partials: list[Tensor]) -> Tensor:
 if triton is not None:
 
     @triton.jit
+    def _send(values, buffers_ptr, at, mask, BITS: tl.constexpr, WORLD: tl.constexpr, SENTINEL: tl.constexpr):
+        """Store `values` at element offset `at` (phase, this rank's slot and position) of every rank's
+        buffer, its own included; a -0.0 is sent as +0.0."""
+        bits = values.to(BITS, bitcast=True)
+        bits = tl.where(bits == SENTINEL, 0, bits)
+        for peer in tl.static_range(WORLD):
+            dst = tl.multiple_of(tl.load(buffers_ptr + peer).to(tl.pointer_type(BITS)), 16)  # symmetric: aligned
+            tl.store(dst + at, bits, mask=mask)
+
+    @triton.jit
+    def _receive_sum(own, at, capacity, mask, dtype: tl.constexpr, BITS: tl.constexpr, WORLD: tl.constexpr,
+                     SENTINEL: tl.constexpr, BLOCK: tl.constexpr):
+        """The float32 sum, in rank order, of what every rank sent to offset `at` (phase and position) of
+        slots 0..W-1 of our buffer `own`: each slot is waited for until no element is empty, then emptied."""
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for src in tl.static_range(WORLD):
+            slot = own + at + src * capacity
+            got = tl.load(slot, mask=mask, other=0, volatile=True)
+            while tl.max((got == SENTINEL).to(tl.int32), axis=0) > 0:
+                got = tl.load(slot, mask=mask, other=0, volatile=True)
+            total += got.to(dtype, bitcast=True).to(tl.float32)
+            tl.store(slot, tl.full([BLOCK], SENTINEL, BITS), mask=mask)
+        return total
+
+    @triton.jit
     def _push_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, counters_ptr, numel, capacity,
                                 BITS: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
                                 PHASES: tl.constexpr, SENTINEL: tl.constexpr, BLOCK: tl.constexpr):
@@ -98,22 +123,13 @@ if triton is not None:
         for start in range(pid * BLOCK, numel, programs * BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < numel
-            bits = tl.load(x_ptr + offs, mask=mask).to(BITS, bitcast=True)
-            bits = tl.where(bits == SENTINEL, 0, bits)  # -0.0 is sent as +0.0
-            for peer in tl.static_range(WORLD):
-                dst = tl.multiple_of(tl.load(buffers_ptr + peer).to(tl.pointer_type(BITS)), 16)
-                tl.store(dst + phase_base + RANK * capacity + offs, bits, mask=mask)
+            _send(tl.load(x_ptr + offs, mask=mask), buffers_ptr, phase_base + RANK * capacity + offs, mask, BITS,
+                  WORLD, SENTINEL)
         for start in range(pid * BLOCK, numel, programs * BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < numel
-            total = tl.zeros([BLOCK], dtype=tl.float32)
-            for src in tl.static_range(WORLD):
-                slot = own + phase_base + src * capacity + offs
-                got = tl.load(slot, mask=mask, other=0, volatile=True)
-                while tl.max((got == SENTINEL).to(tl.int32), axis=0) > 0:
-                    got = tl.load(slot, mask=mask, other=0, volatile=True)
-                total += got.to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
-                tl.store(slot, tl.full([BLOCK], SENTINEL, BITS), mask=mask)
+            total = _receive_sum(own, phase_base + offs, capacity, mask, x_ptr.dtype.element_ty, BITS, WORLD,
+                                 SENTINEL, BLOCK)
             tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(counters_ptr + pid, (phase + 1) % PHASES)
 
@@ -137,11 +153,8 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < dim
         for row in range(pid, rows, programs):
-            bits = tl.load(part_ptr + row * stride_part + offs_d, mask=mask_d).to(BITS, bitcast=True)
-            bits = tl.where(bits == SENTINEL, 0, bits)  # -0.0 is sent as +0.0
-            for peer in tl.static_range(WORLD):
-                dst = tl.multiple_of(tl.load(buffers_ptr + peer).to(tl.pointer_type(BITS)), 16)
-                tl.store(dst + phase_base + RANK * capacity + row * dim + offs_d, bits, mask=mask_d)
+            _send(tl.load(part_ptr + row * stride_part + offs_d, mask=mask_d), buffers_ptr,
+                  phase_base + RANK * capacity + row * dim + offs_d, mask_d, BITS, WORLD, SENTINEL)
         norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
         if ROUTE:  # loaded while the peers' parts are on their way
             offs_e = tl.arange(0, BLOCK_E)
@@ -149,14 +162,8 @@ if triton is not None:
                              mask=(offs_e < num_experts)[:, None] & mask_d[None, :], other=0.0)
         for row in range(pid, rows, programs):
             x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
-            total = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for src in tl.static_range(WORLD):
-                slot = own + phase_base + src * capacity + row * dim + offs_d
-                got = tl.load(slot, mask=mask_d, other=0, volatile=True)
-                while tl.max((got == SENTINEL).to(tl.int32), axis=0) > 0:
-                    got = tl.load(slot, mask=mask_d, other=0, volatile=True)
-                total += got.to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
-                tl.store(slot, tl.full([BLOCK_D], SENTINEL, BITS), mask=mask_d)
+            total = _receive_sum(own, phase_base + row * dim + offs_d, capacity, mask_d, x_ptr.dtype.element_ty, BITS,
+                                 WORLD, SENTINEL, BLOCK_D)
             h = x + total.to(x_ptr.dtype.element_ty)  # the all-reduce's output, then the residual add
             tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask_d)
             normed = normed_row(h, norm_w, rms_rstd(h, dim, eps))
@@ -185,21 +192,19 @@ class PushAllReduce:
         if buffers.dtype != torch.int64 or buffers.numel() != world_size:
             raise ValueError(f"buffers must be {world_size} int64 addresses, got {buffers.dtype} "
                              f"{tuple(buffers.shape)}")
-        self.dtype, self.capacity, self.buffers, self.counters = dtype, capacity, buffers, counters
+        self.dtype, self.capacity, self.buffers, self.counters, self.block = dtype, capacity, buffers, counters, block
+        # the constants both kernels take
         self.constants = dict(BITS=_TL_BITS[bits_dtype(dtype)], RANK=rank, WORLD=world_size, PHASES=PHASES,
-                              SENTINEL=sentinel(dtype), BLOCK=block)
+                              SENTINEL=sentinel(dtype))
 
     def fits(self, x: Tensor) -> bool:
         return x.dtype == self.dtype and x.numel() <= self.capacity
 
     def fits_rows(self, partial: Tensor, gate_weight: Tensor | None = None) -> bool:
         """Whether residual_norm takes this partial sum [N, D] (and router weights [E, D])."""
-        from gpt_fast_mixtral.kernels.router import SINGLE_PASS_ELEMENTS
-
-        width = triton.next_power_of_2(partial.shape[-1])
-        return self.fits(partial) and width <= ROW_ELEMENTS and (
-            gate_weight is None or max(2, triton.next_power_of_2(gate_weight.shape[0])) * width
-            <= SINGLE_PASS_ELEMENTS)
+        dim = partial.shape[-1]
+        return self.fits(partial) and triton.next_power_of_2(dim) <= ROW_ELEMENTS and (
+            gate_weight is None or single_pass(dim, gate_weight.shape[0]))
 
     def residual_norm(self, partial: Tensor, x: Tensor, norm_weight: Tensor, eps: float,
                       gate_weight: Tensor | None = None, top_k: int = 0) -> tuple[Tensor, ...]:
@@ -224,11 +229,9 @@ class PushAllReduce:
         _push_residual_norm_kernel[(self.counters.numel(),)](
             partial, x, h, normed, norm_weight, gate_weight, weights, ids, self.buffers, self.counters, rows, dim,
             num_experts, eps, self.capacity, partial.stride(0), x.stride(0), h.stride(0), normed.stride(0),
-            gate_weight.stride(0), BITS=self.constants["BITS"], RANK=self.constants["RANK"],
-            WORLD=self.constants["WORLD"], PHASES=PHASES, SENTINEL=self.constants["SENTINEL"],
-            BLOCK_D=triton.next_power_of_2(dim), ROUTE=route, TOP_K=max(top_k, 1),
-            BLOCK_K=max(2, triton.next_power_of_2(top_k)), BLOCK_E=max(2, triton.next_power_of_2(num_experts)),
-            num_warps=16)
+            gate_weight.stride(0), **self.constants, BLOCK_D=triton.next_power_of_2(dim), ROUTE=route,
+            TOP_K=max(top_k, 1), BLOCK_K=max(2, triton.next_power_of_2(top_k)),
+            BLOCK_E=max(2, triton.next_power_of_2(num_experts)), num_warps=16)
         return (h, normed, weights, ids) if route else (h, normed)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -238,5 +241,6 @@ class PushAllReduce:
         x = x.contiguous()
         out = torch.empty_like(x)
         _push_all_reduce_kernel[(self.counters.numel(),)](
-            x, out, self.buffers, self.counters, x.numel(), self.capacity, **self.constants, num_warps=4)
+            x, out, self.buffers, self.counters, x.numel(), self.capacity, **self.constants, BLOCK=self.block,
+            num_warps=4)
         return out

@@ -35,6 +35,11 @@ def available(x: Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
+def single_pass(dim: int, num_experts: int) -> bool:
+    """Whether one program holds a whole row and all the router weights [E, D] at once."""
+    return max(2, triton.next_power_of_2(num_experts)) * triton.next_power_of_2(dim) <= SINGLE_PASS_ELEMENTS
+
+
 def reference_residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
                                   top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """h, normed, routing weights [N, k] and expert ids [N, k] for x, delta [N, D]: the model's own
@@ -154,7 +159,7 @@ def residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: floa
     if num_rows:
         # One pass over the row while the router weights fit in registers (Mixtral: 8 x 4096), else chunks.
         block_e = max(2, triton.next_power_of_2(num_experts))
-        single = block_e * triton.next_power_of_2(dim) <= SINGLE_PASS_ELEMENTS
+        single = single_pass(dim, num_experts)
         block_d = triton.next_power_of_2(dim) if single else min(1024, triton.next_power_of_2(dim))
         _residual_norm_route_kernel[(num_rows,)](
             x, delta, norm_weight, gate_weight, h, normed, weights, ids, dim, num_experts, eps,
