@@ -273,6 +273,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
     if options.grouped_min_slots is not None:
         moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
                                                          grouped_min_slots=options.grouped_min_slots)
+    moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG, **options.moe_settings)
     if options.int8_fp16 is not None:
         moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
                                                          grouped_int8_fp16=options.int8_fp16)
@@ -323,6 +324,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "fused_max_tokens": experts_module(engine.model).fused_max_tokens,
         "grouped_min_slots": moe_kernels.DEFAULT_CONFIG.grouped_min_slots,
         "grouped_int8_fp16": moe_kernels.DEFAULT_CONFIG.grouped_int8_fp16,
+        "moe_config": options.moe_settings,
         "int8_w13_block": experts_module(engine.model).w13_block,
         "fused_router": TransformerBlock.fused_router,
         "compiled_prefill_ops": FusedOnGpu.enabled,
@@ -448,6 +450,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--int8-fp16", action=argparse.BooleanOptionalAction, default=None,
                         help="int8 prefill experts on float16 tensor cores, activations scaled per row "
                              "(default: kernels.moe's grouped_int8_fp16, on)")
+    parser.add_argument("--moe-config", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="kernels.moe.MoEConfig settings for comparisons, e.g. gemv_stages_16bit=1")
     parser.add_argument("--int8-w13-blocks", action=argparse.BooleanOptionalAction, default=True,
                         help="the int8 experts' gate and up weights stored in blocks on the GPU "
                              "(gpt_fast_mixtral.quantize.INT8_W13_BLOCK; default on)")
@@ -467,6 +471,17 @@ def parse_args() -> argparse.Namespace:
         parser.error("--device cpu is a smoke mode for the tests: use it with --config tiny")
     if options.compile_cache and (options.parallel or options.device == "cpu"):
         parser.error("--compile-cache runs single-GPU processes: leave out --parallel and --device cpu")
+    options.moe_settings = {}
+    for setting in options.moe_config:
+        name, _, value = setting.partition("=")
+        defaults = {field.name: field.default for field in dataclasses.fields(moe_kernels.MoEConfig)}
+        if name not in defaults or not value:
+            parser.error(f"--moe-config {setting}: expected NAME=VALUE, NAME one of {', '.join(defaults)}")
+        kind = type(defaults[name])
+        try:
+            options.moe_settings[name] = value.lower() in ("1", "true") if kind is bool else kind(value)
+        except ValueError:
+            parser.error(f"--moe-config {setting}: {name} takes a {kind.__name__}")
     return options
 
 

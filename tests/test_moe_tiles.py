@@ -1,13 +1,16 @@
-"""The grouped MoE kernels' tiling (kernels/moe.py expert_tiles) covers every routed row exactly once, and
-the int8 linear kernel's one-token tiles (kernels/linear.py gemv_tile) fit the weight's width."""
+"""The grouped MoE kernels' tiling (kernels/moe.py expert_tiles) covers every routed row exactly once, the
+matrix-vector expert kernels' rows and pipeline stages follow the shard's shape, and the int8 linear
+kernel's one-token tiles (kernels/linear.py gemv_tile) fit the weight's width."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from gpt_fast_mixtral.kernels.linear import LinearConfig, gemv_tile
-from gpt_fast_mixtral.kernels.moe import MoEConfig, expert_tiles, gemv_rows
+from gpt_fast_mixtral.kernels.moe import MoEConfig, expert_tiles, gemv_rows, gemv_stages_for
 
 
 @pytest.mark.parametrize(("counts", "block_m"), [
@@ -65,3 +68,28 @@ def test_one_token_linear_tiles_are_no_wider_than_the_weight_and_keep_their_size
 def test_gate_up_programs_take_fewer_rows_when_a_shard_has_few(inter: int, w13_block: tuple[int, int] | None,
                                                                rows: int) -> None:
     assert gemv_rows(inter, MoEConfig(), w13_block) == rows
+
+
+def mixtral_stages(world_size: int, weight_bytes: int, config: MoEConfig) -> tuple[int, int]:
+    """gemv_stages_for at one rank's shape of Mixtral-8x7B's experts (batch 1: two slots)."""
+    inter = 14336 // world_size
+    rows = gemv_rows(inter, config, (8, 512) if weight_bytes == 1 else None)
+    split_columns = math.ceil(inter / config.gemv_split)
+    down_iterations = math.ceil(split_columns / config.gemv_down_block_i)
+    return gemv_stages_for(config, weight_bytes, 2 * math.ceil(inter / rows), rows, down_iterations)
+
+
+@pytest.mark.parametrize(("world_size", "weight_bytes", "stages"), [
+    (1, 1, (1, 3)),  # int8 gate_up: 1792 programs, more than one wave of 2-stage programs; down: 7 iterations
+    (2, 1, (2, 2)),  # 896 programs fit in one wave with 2 stages; down 4 iterations
+    (4, 1, (1, 1)),  # 8-row programs (their registers allow 8 per SM already); down 2 iterations
+    (8, 1, (1, 1)),
+    (1, 2, (3, 3)),  # bf16: pipelined while down loops at least 4 times
+    (2, 2, (3, 3)),
+    (4, 2, (1, 1)),
+    (8, 2, (1, 1)),
+    (1, 4, (1, 1)),  # float32 weights (tests): not pipelined
+])
+def test_expert_kernels_pipeline_by_shard_shape(world_size: int, weight_bytes: int, stages: tuple[int, int]) -> None:
+    assert mixtral_stages(world_size, weight_bytes, MoEConfig()) == stages
+    assert mixtral_stages(world_size, weight_bytes, MoEConfig(gemv_stages=4)) == (4, 4)  # a set number: both

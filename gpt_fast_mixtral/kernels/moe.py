@@ -582,8 +582,23 @@ class MoEConfig:
     gemv_split: int = 4
     gemv_warps: int = 4
     # Iterations the matrix-vector loops load ahead (Triton's pipelining of a `tl.range` loop, through
-    # shared memory); 1: none, each iteration waits a full memory latency for its tiles.
-    gemv_stages: int = 1
+    # shared memory); 1: none, each iteration waits a full memory latency for its tiles. 0: chosen per
+    # kernel and shape (gemv_stages_for); tests and sweeps set a number, which both kernels take.
+    gemv_stages: int = 0
+    # The choices of gemv_stages_for. bfloat16 / float16 weights, from 4 down iterations a program on (1
+    # below): H200, Mixtral-8x7B bf16 MoE layer (benchmarks/sweep_tp_shapes.py, session 12) W=1 (7
+    # iterations) 170.8 us with 3 stages against 179.8 with 1, W=2 (4) 94.5 against 95.4, but W=4 (2) 57.2
+    # against 56.0 and W=8 38.1 against 36.7 (results/h200x4_s12_sweep_stages.log; session 10 alike); end to
+    # end one H200 146.0 against 143.2 tok/s, two 240.4 against 242.0 (results/h200x4_s12_bf16_*).
+    gemv_stages_16bit: int = 3
+    # int8 gate_up with 16-row programs: 2 stages where every program fits in one wave. A 16-row program
+    # needs 96 registers a thread unpipelined (5 programs per SM) but 64 with 2 stages and 17 KB of shared
+    # memory (8 per SM: 1056 on a 132-SM H100 / H200). H200, Mixtral-8x7B gate_up alone: W=2 (896
+    # programs) 32.3 us against 35.5, W=1 (1792) 61.3 against 60.2; 3 stages (6 per SM) 40.6 at W=2
+    # (results/h200_s12_expert_kernels_micro.log).
+    gemv_one_wave_programs: int = 1056
+    # int8 down: 3 stages from 6 loop iterations a program on, 2 from 4: W=1 (7 iterations) 34.5 us against
+    # 37.2, W=2 (4) 19.8 against 20.3, W=4 (2) 13.1 with 3 stages against 12.2 with none (same log).
     # > 0: the matrix-vector kernels run this many programs, each looping over tiles (a persistent grid,
     # e.g. a multiple of the SM count); 0: one program per tile. Slower on an H200 in every variant tried
     # (int8 layer 133-235 us vs 118, benchmarks/results/h200_sweep_decode_persistent_session4.log).
@@ -681,19 +696,37 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     block_i = gemv_rows(inter, c, w13_block)
     i_blocks, o_blocks = triton.cdiv(inter, block_i), triton.cdiv(dim, c.gemv_down_block_o)
     persistent = c.gemv_programs > 0
+    down_iterations = triton.cdiv(triton.cdiv(inter, c.gemv_split), c.gemv_down_block_i)
+    gate_up_stages, down_stages = gemv_stages_for(c, w1.element_size(), slots * i_blocks, block_i, down_iterations)
     gate_up_tiles, down_tiles = slots * i_blocks, slots * o_blocks * c.gemv_split
     _gate_up_gemv_kernel[(min(gate_up_tiles, c.gemv_programs),) if persistent else (slots, i_blocks)](
         x, w1, w3, s1, s3, h, experts, top_k, gate_up_tiles,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
         HAS_SCALES=has_scales, MAGIC=c.int8_magic, BLOCK_I=block_i,
         BLOCK_D=_block_cols(c.gemv_block_d, w13_block), PERSISTENT=persistent, **_block_args(w13_block),
-        STAGES=c.gemv_stages, num_warps=c.gemv_warps)
+        STAGES=gate_up_stages, num_warps=c.gemv_warps)
     _down_gemv_kernel[(min(down_tiles, c.gemv_programs),) if persistent else (slots, o_blocks, c.gemv_split)](
         h, w2, s2, y, experts, routing_weights.flatten().contiguous(), down_tiles,
         dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
         y.stride(0), HAS_SCALES=has_scales, MAGIC=c.int8_magic, SPLIT=c.gemv_split, BLOCK_O=c.gemv_down_block_o,
-        BLOCK_I=c.gemv_down_block_i, PERSISTENT=persistent, STAGES=c.gemv_stages, num_warps=c.gemv_warps)
+        BLOCK_I=c.gemv_down_block_i, PERSISTENT=persistent, STAGES=down_stages, num_warps=c.gemv_warps)
     return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+
+
+def gemv_stages_for(config: MoEConfig, weight_bytes: int, gate_up_programs: int, gate_up_rows: int,
+                    down_iterations: int) -> tuple[int, int]:
+    """Stages of the gate_up and down matrix-vector kernels (see MoEConfig.gemv_stages) for weights of
+    `weight_bytes` per element, gate_up_programs programs of gate_up_rows rows, and down_iterations loop
+    iterations per down program."""
+    if config.gemv_stages:
+        return config.gemv_stages, config.gemv_stages
+    if weight_bytes == 2:
+        stages = config.gemv_stages_16bit if down_iterations >= 4 else 1
+        return stages, stages
+    if weight_bytes != 1:
+        return 1, 1
+    gate_up = 2 if gate_up_rows >= 16 and gate_up_programs <= config.gemv_one_wave_programs else 1
+    return gate_up, 3 if down_iterations >= 6 else 2 if down_iterations >= 4 else 1
 
 
 def gemv_rows(inter: int, config: MoEConfig = DEFAULT_CONFIG, w13_block: tuple[int, int] | None = None) -> int:
