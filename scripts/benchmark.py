@@ -41,6 +41,7 @@ from gpt_fast_mixtral import quantize  # noqa: E402
 from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
+from gpt_fast_mixtral.kernels import linear as linear_kernels  # noqa: E402
 from gpt_fast_mixtral.kernels import moe as moe_kernels  # noqa: E402
 from gpt_fast_mixtral.model import Attention, FusedOnGpu, TransformerBlock  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
@@ -274,6 +275,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
                                                          grouped_min_slots=options.grouped_min_slots)
     moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG, **options.moe_settings)
+    quantize.WeightOnlyInt8Linear.kernel_config = dataclasses.replace(quantize.WeightOnlyInt8Linear.kernel_config,
+                                                                      **options.linear_settings)
     if options.int8_fp16 is not None:
         moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
                                                          grouped_int8_fp16=options.int8_fp16)
@@ -325,6 +328,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "grouped_min_slots": moe_kernels.DEFAULT_CONFIG.grouped_min_slots,
         "grouped_int8_fp16": moe_kernels.DEFAULT_CONFIG.grouped_int8_fp16,
         "moe_config": options.moe_settings,
+        "linear_config": options.linear_settings,
         "int8_w13_block": experts_module(engine.model).w13_block,
         "fused_router": TransformerBlock.fused_router,
         "compiled_prefill_ops": FusedOnGpu.enabled,
@@ -404,6 +408,22 @@ def summary_line(result: dict, options: argparse.Namespace) -> str:
     return f"{line}; TTFT ms {result['ttft_ms']}"
 
 
+def config_settings(parser: argparse.ArgumentParser, flag: str, settings: list[str], config: type) -> dict:
+    """NAME=VALUE strings as fields of the dataclass `config`, each converted to its default's type."""
+    defaults = {field.name: field.default for field in dataclasses.fields(config)}
+    converted = {}
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        if name not in defaults or not value:
+            parser.error(f"{flag} {setting}: expected NAME=VALUE, NAME one of {', '.join(defaults)}")
+        kind = type(defaults[name])
+        try:
+            converted[name] = value.lower() in ("1", "true") if kind is bool else kind(value)
+        except ValueError:
+            parser.error(f"{flag} {setting}: {name} takes a {kind.__name__}")
+    return converted
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", choices=["int8", "bf16"], default="int8")
@@ -451,7 +471,9 @@ def parse_args() -> argparse.Namespace:
                         help="int8 prefill experts on float16 tensor cores, activations scaled per row "
                              "(default: kernels.moe's grouped_int8_fp16, on)")
     parser.add_argument("--moe-config", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="kernels.moe.MoEConfig settings for comparisons, e.g. gemv_stages_16bit=1")
+                        help="kernels.moe.MoEConfig settings for comparisons, e.g. gemv_stages=1")
+    parser.add_argument("--linear-config", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="the int8 linears' kernels.linear.LinearConfig settings, e.g. gemv_stages=1")
     parser.add_argument("--int8-w13-blocks", action=argparse.BooleanOptionalAction, default=True,
                         help="the int8 experts' gate and up weights stored in blocks on the GPU "
                              "(gpt_fast_mixtral.quantize.INT8_W13_BLOCK; default on)")
@@ -471,17 +493,9 @@ def parse_args() -> argparse.Namespace:
         parser.error("--device cpu is a smoke mode for the tests: use it with --config tiny")
     if options.compile_cache and (options.parallel or options.device == "cpu"):
         parser.error("--compile-cache runs single-GPU processes: leave out --parallel and --device cpu")
-    options.moe_settings = {}
-    for setting in options.moe_config:
-        name, _, value = setting.partition("=")
-        defaults = {field.name: field.default for field in dataclasses.fields(moe_kernels.MoEConfig)}
-        if name not in defaults or not value:
-            parser.error(f"--moe-config {setting}: expected NAME=VALUE, NAME one of {', '.join(defaults)}")
-        kind = type(defaults[name])
-        try:
-            options.moe_settings[name] = value.lower() in ("1", "true") if kind is bool else kind(value)
-        except ValueError:
-            parser.error(f"--moe-config {setting}: {name} takes a {kind.__name__}")
+    options.moe_settings = config_settings(parser, "--moe-config", options.moe_config, moe_kernels.MoEConfig)
+    options.linear_settings = config_settings(parser, "--linear-config", options.linear_config,
+                                              linear_kernels.LinearConfig)
     return options
 
 

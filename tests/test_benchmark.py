@@ -8,6 +8,7 @@ paths they take work before that machine's time is spent.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -176,3 +177,13 @@ def test_two_ranks_under_torchrun_report_once_with_the_speedup_over_one(
     assert result["speedup_vs_single"] == round(result["decode_tok_s"] / baseline["decode_tok_s"], 3)
     assert result["baseline"]["path"] == str(baseline_path)
     assert result["baseline"]["decode_tok_s"] == baseline["decode_tok_s"]
+
+
+def test_kernel_config_settings_are_typed_and_checked() -> None:
+    parser = argparse.ArgumentParser()
+    settings = benchmark.config_settings(parser, "--moe-config", ["gemv_stages=2", "int8_magic=false"],
+                                         benchmark.moe_kernels.MoEConfig)
+    assert settings == {"gemv_stages": 2, "int8_magic": False}
+    for bad in (["no_such_field=1"], ["gemv_stages=two"], ["gemv_stages"]):
+        with pytest.raises(SystemExit):
+            benchmark.config_settings(parser, "--moe-config", bad, benchmark.moe_kernels.MoEConfig)

@@ -207,6 +207,16 @@ def test_int8_linear_matches_reference(rows, n, k, dtype, bound, magic, programs
     assert relative_error(got, reference_int8_linear(x, weight, scales)) < bound
 
 
+# The default config's own choice (linear.gemv_plan): pipelined 8 x 512 tiles for wqkv over 1 or 2 ranks, wo
+# over 8, the output head; the plain tile for wqkv over 8 ranks; odd sizes mask the last tile
+@pytest.mark.parametrize("n,k", [(6144, 4096), (3072, 4096), (4096, 512), (32000, 4096), (768, 4096), (2051, 1000)])
+def test_int8_linear_default_plan_matches_reference(n, k):
+    generator = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(1, k, device="cuda", generator=generator).to(torch.bfloat16)
+    weight, scales = quantize_per_channel(torch.randn(n, k, device="cuda", generator=generator))
+    assert relative_error(int8_linear(x, weight, scales), reference_int8_linear(x, weight, scales)) < 1e-2
+
+
 def test_int8_linear_layer_uses_the_kernel_for_decode_and_cublas_for_prefill():
     from gpt_fast_mixtral.quantize import WeightOnlyInt8Linear
 

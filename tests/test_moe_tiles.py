@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from gpt_fast_mixtral.kernels.linear import LinearConfig, gemv_tile
+from gpt_fast_mixtral.kernels.linear import LinearConfig, gemv_plan, gemv_tile
 from gpt_fast_mixtral.kernels.moe import MoEConfig, expert_tiles, gemv_rows, gemv_stages_for
 
 
@@ -93,3 +93,18 @@ def mixtral_stages(world_size: int, weight_bytes: int, config: MoEConfig) -> tup
 def test_expert_kernels_pipeline_by_shard_shape(world_size: int, weight_bytes: int, stages: tuple[int, int]) -> None:
     assert mixtral_stages(world_size, weight_bytes, MoEConfig()) == stages
     assert mixtral_stages(world_size, weight_bytes, MoEConfig(gemv_stages=4)) == (4, 4)  # a set number: both
+
+
+@pytest.mark.parametrize(("n", "k", "plan"), [
+    (6144, 4096, (8, 512, 3)),  # Mixtral's wqkv on one GPU: pipelined 8 x 512 tiles, 768 programs
+    (3072, 4096, (8, 512, 3)),  # over 2 ranks: 384
+    (1536, 4096, (2, 2048, 1)),  # over 4 ranks 8-row tiles would leave 192 programs: the plain tile
+    (768, 4096, (2, 2048, 1)),
+    (4096, 512, (8, 512, 3)),  # wo over 8 ranks
+    (32000, 4096, (8, 512, 3)),  # the output head
+    (4096, 256, (16, 256, 1)),  # narrower than the pipelined tile: gemv_tile's
+])
+def test_one_token_linear_tiles_pipeline_where_the_weight_has_rows_enough(n: int, k: int,
+                                                                           plan: tuple[int, int, int]) -> None:
+    assert gemv_plan(n, k, LinearConfig()) == plan
+    assert gemv_plan(n, k, LinearConfig(gemv_stages=2)) == (*gemv_tile(k, LinearConfig()), 2)  # a set number

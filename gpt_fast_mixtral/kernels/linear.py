@@ -106,7 +106,18 @@ class LinearConfig:
     gemv_block_n: int = 2
     gemv_block_k: int = 2048
     gemv_warps: int = 4
-    gemv_stages: int = 1  # see kernels.moe.MoEConfig.gemv_stages
+    # Loop iterations loaded ahead (see kernels.moe.MoEConfig.gemv_stages); 0: `gemv_plan` picks the tile and
+    # stages by the weight's shape, a number (tests, sweeps) takes gemv_block_n x gemv_block_k with it.
+    gemv_stages: int = 0
+    # gemv_plan's pipelined tile, for weights with enough rows that it still makes gemv_pipeline_min_programs
+    # programs. H200 (benchmarks/sweep_tp_shapes.py, session 10, results/h200_s10_sweep_tp_shapes_*.log):
+    # 8 x 512 tiles 3 stages deep, wqkv [6144, 4096] 9.8 us against 10.9 (2 x 2048, unpipelined), wo
+    # [4096, 4096] 7.7 against 8.0, over 2 ranks 6.7 / 5.1 against 6.9 / 5.5; but a wqkv shard over 4 ranks
+    # ([1536, 4096], 192 programs) 5.7 against 5.2, over 8 (96 programs) 5.3 against 4.6.
+    gemv_pipelined_block_n: int = 8
+    gemv_pipelined_block_k: int = 512
+    gemv_pipelined_stages: int = 3
+    gemv_pipeline_min_programs: int = 256
     tile_block_n: int = 32
     tile_block_k: int = 256
     tile_warps: int = 4
@@ -131,6 +142,17 @@ def gemv_tile(k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[int, int]:
     return config.gemv_block_n * config.gemv_block_k // block_k, block_k
 
 
+def gemv_plan(n: int, k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[int, int, int]:
+    """(rows, columns, stages) of one program's tile for one token and an [n, k] weight (see
+    LinearConfig.gemv_stages)."""
+    c = config
+    if c.gemv_stages:
+        return *gemv_tile(k, c), c.gemv_stages
+    if k >= c.gemv_pipelined_block_k and n >= c.gemv_pipeline_min_programs * c.gemv_pipelined_block_n:
+        return c.gemv_pipelined_block_n, c.gemv_pipelined_block_k, c.gemv_pipelined_stages
+    return *gemv_tile(k, c), 1
+
+
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig = DEFAULT_CONFIG) -> Tensor:
     """(x @ weight.T) * scales in x's dtype for x [..., K] with at most config.max_tokens rows."""
     shape = x.shape
@@ -141,9 +163,10 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig 
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     c = config
     persistent = False
+    loop_stages = 1
     if rows == 1:
         block_m, warps, stages = 1, c.gemv_warps, 1
-        block_n, block_k = gemv_tile(k, c)
+        block_n, block_k, loop_stages = gemv_plan(n, k, c)
         persistent = c.gemv_programs > 0
     else:
         block_m, block_n, block_k, warps, stages = 16, c.tile_block_n, c.tile_block_k, c.tile_warps, c.tile_stages
@@ -152,7 +175,7 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig 
         grid = (min(grid[0], c.gemv_programs), 1)
     _int8_linear_kernel[grid](x2, weight, scales, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
                               MAGIC=c.int8_magic, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=persistent, STAGES=c.gemv_stages,
+                              BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=persistent, STAGES=loop_stages,
                               num_warps=warps, num_stages=stages)
     return y.view(*shape[:-1], n)
 
