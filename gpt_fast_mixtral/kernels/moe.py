@@ -597,8 +597,6 @@ class MoEConfig:
     # programs) 32.3 us against 35.5, W=1 (1792) 61.3 against 60.2; 3 stages (6 per SM) 40.6 at W=2
     # (results/h200_s12_expert_kernels_micro.log).
     gemv_one_wave_programs: int = 1056
-    # int8 down: 3 stages from 6 loop iterations a program on, 2 from 4: W=1 (7 iterations) 34.5 us against
-    # 37.2, W=2 (4) 19.8 against 20.3, W=4 (2) 13.1 with 3 stages against 12.2 with none (same log).
     # > 0: the matrix-vector kernels run this many programs, each looping over tiles (a persistent grid,
     # e.g. a multiple of the SM count); 0: one program per tile. Slower on an H200 in every variant tried
     # (int8 layer 133-235 us vs 118, benchmarks/results/h200_sweep_decode_persistent_session4.log).
@@ -717,7 +715,12 @@ def gemv_stages_for(config: MoEConfig, weight_bytes: int, gate_up_programs: int,
                     down_iterations: int) -> tuple[int, int]:
     """Stages of the gate_up and down matrix-vector kernels (see MoEConfig.gemv_stages) for weights of
     `weight_bytes` per element, gate_up_programs programs of gate_up_rows rows, and down_iterations loop
-    iterations per down program."""
+    iterations per down program.
+
+    int8 down loads ahead where its loop is long enough to keep loads in flight: 3 stages from 6 iterations
+    a program on, 2 from 4. H200, Mixtral-8x7B down alone: W=1 (7 iterations) 34.5 us against 37.2, W=2 (4)
+    19.8 against 20.3, W=4 (2) 13.1 with 3 stages against 12.2 with none
+    (benchmarks/results/h200_s12_expert_kernels_micro.log)."""
     if config.gemv_stages:
         return config.gemv_stages, config.gemv_stages
     if weight_bytes == 2:
