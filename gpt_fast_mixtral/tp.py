@@ -244,13 +244,17 @@ def _(x: Tensor, buffer_index: int, group_name: str) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _runner(group: dist.ProcessGroup | None, dtype: torch.dtype) -> _PushOneShot | _SymmMemOneShot | None:
+    """What enable_one_shot_all_reduce set up for `group` (default: the world) and dtype, if anything."""
+    return _ONE_SHOT.get((group or dist.group.WORLD).group_name, {}).get(dtype)
+
+
 def all_reduce(x: Tensor, group: dist.ProcessGroup | None, buffer_index: int) -> Tensor:
     """Sum of x over the ranks of `group` (default: the world): one-shot through symmetric buffer
     `buffer_index` when enabled and x fits, else NCCL (gloo on CPUs)."""
-    group_name = (group or dist.group.WORLD).group_name
-    runner = _ONE_SHOT.get(group_name, {}).get(x.dtype)
+    runner = _runner(group, x.dtype)
     if runner is not None and runner.fits(x):
-        return one_shot_all_reduce(x, buffer_index, group_name)
+        return one_shot_all_reduce(x, buffer_index, (group or dist.group.WORLD).group_name)
     # wait_tensor hands back a plain tensor: the AsyncCollectiveTensor subclass that funcol returns
     # would otherwise travel through the rest of the eager forward pass.
     return funcol.wait_tensor(funcol.all_reduce(x, "sum", group or dist.group.WORLD))
@@ -259,7 +263,7 @@ def all_reduce(x: Tensor, group: dist.ProcessGroup | None, buffer_index: int) ->
 def push_fuses(group: dist.ProcessGroup | None, x: Tensor, gate_weight: Tensor | None = None) -> bool:
     """Whether `group` all-reduces x's dtype by the push method and can fuse the residual add and norm (and
     the routing, with gate_weight) for x [N, D] (kernels.allreduce.PushAllReduce.residual_norm)."""
-    runner = _ONE_SHOT.get((group or dist.group.WORLD).group_name, {}).get(x.dtype)
+    runner = _runner(group, x.dtype)
     return isinstance(runner, _PushOneShot) and runner.run.fits_rows(x, gate_weight)
 
 

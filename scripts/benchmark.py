@@ -271,15 +271,9 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         Attention.fused_rope_cache = options.fused_rope_cache
     if options.fused_all_reduce is not None:
         TensorParallelBlock.fused_all_reduce = options.fused_all_reduce
-    if options.grouped_min_slots is not None:
-        moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
-                                                         grouped_min_slots=options.grouped_min_slots)
     moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG, **options.moe_settings)
     quantize.WeightOnlyInt8Linear.kernel_config = dataclasses.replace(quantize.WeightOnlyInt8Linear.kernel_config,
                                                                       **options.linear_settings)
-    if options.int8_fp16 is not None:
-        moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG,
-                                                         grouped_int8_fp16=options.int8_fp16)
     for module in engine.model.modules():
         if hasattr(module, "dense_max_tokens") and options.moe_impl == "gather":
             module.dense_max_tokens = module.fused_max_tokens = 0
@@ -493,7 +487,11 @@ def parse_args() -> argparse.Namespace:
         parser.error("--device cpu is a smoke mode for the tests: use it with --config tiny")
     if options.compile_cache and (options.parallel or options.device == "cpu"):
         parser.error("--compile-cache runs single-GPU processes: leave out --parallel and --device cpu")
-    options.moe_settings = config_settings(parser, "--moe-config", options.moe_config, moe_kernels.MoEConfig)
+    # --grouped-min-slots and --int8-fp16 are MoEConfig settings too (the latter wins over --moe-config)
+    options.moe_settings = {
+        **({} if options.grouped_min_slots is None else {"grouped_min_slots": options.grouped_min_slots}),
+        **config_settings(parser, "--moe-config", options.moe_config, moe_kernels.MoEConfig),
+        **({} if options.int8_fp16 is None else {"grouped_int8_fp16": options.int8_fp16})}
     options.linear_settings = config_settings(parser, "--linear-config", options.linear_config,
                                               linear_kernels.LinearConfig)
     return options
