@@ -46,6 +46,11 @@ MOE_VARIANTS = {
     "dn_o16_i256": dict(gemv_down_block_o=16, gemv_down_block_i=256),
     "dn_o8_i1024_s2": dict(gemv_down_block_o=8, gemv_down_block_i=1024, gemv_split=2),
     "dn_o4_i256_s2": dict(gemv_down_block_o=4, gemv_down_block_i=256, gemv_split=2),
+    "dn_o16": dict(gemv_down_block_o=16),
+    "dn_o16_s2": dict(gemv_down_block_o=16, gemv_split=2),
+    "dn_o16_s1": dict(gemv_down_block_o=16, gemv_split=1),
+    "dn_o32_s2": dict(gemv_down_block_o=32, gemv_split=2),
+    "dn_int8_o8_s4": dict(gemv_int8_down_block_o=8, gemv_int8_split=4),  # int8's down tile before session 13
     "gu_i4_dn_s1": dict(gemv_blocked_block_i=4, gemv_block_i=4, gemv_split=1),
     "gu_i8_dn_o4_s2": dict(gemv_blocked_block_i=8, gemv_down_block_o=4, gemv_split=2),
     # the matrix-vector loops pipelined (MoEConfig.gemv_stages, and gemv_stages_16bit for bf16 weights)
@@ -82,6 +87,13 @@ def int8(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda", generator=generator)
 
 
+def both_down_tiles(change: dict) -> dict:
+    """A variant's down tile (gemv_down_block_o, gemv_split) for int8 weights too, which take their own
+    (MoEConfig.gemv_int8_down_block_o / gemv_int8_split) otherwise."""
+    int8 = {"gemv_down_block_o": "gemv_int8_down_block_o", "gemv_split": "gemv_int8_split"}
+    return {**change, **{int8[name]: value for name, value in change.items() if name in int8}}
+
+
 def sweep_moe(world_size: int, precision: str, layers: int, rows: list[dict]) -> None:
     inter = INTER // world_size
     generator = torch.Generator(device="cuda").manual_seed(world_size)
@@ -105,7 +117,7 @@ def sweep_moe(world_size: int, precision: str, layers: int, rows: list[dict]) ->
     for name, change in MOE_VARIANTS.items():
         if not selected(name):
             continue
-        config = dataclasses.replace(base, **change)
+        config = dataclasses.replace(base, **both_down_tiles(change))
         try:
             got = moe.fused_moe(x, w1s[0], w2s[0], w3s[0], routing, ids[0], scales, config, block).float()
             error = ((got - reference).norm() / reference.norm()).item()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt_fast_mixtral.kernels.linear import LinearConfig, gemv_plan, gemv_tile
-from gpt_fast_mixtral.kernels.moe import MoEConfig, expert_tiles, gemv_rows, gemv_stages_for
+from gpt_fast_mixtral.kernels.moe import MoEConfig, expert_tiles, gemv_down_tile, gemv_rows, gemv_stages_for
 
 
 @pytest.mark.parametrize(("counts", "block_m"), [
@@ -74,16 +74,17 @@ def mixtral_stages(world_size: int, weight_bytes: int, config: MoEConfig) -> tup
     """gemv_stages_for at one rank's shape of Mixtral-8x7B's experts (batch 1: two slots)."""
     inter = 14336 // world_size
     rows = gemv_rows(inter, config, (8, 512) if weight_bytes == 1 else None)
-    split_columns = math.ceil(inter / config.gemv_split)
+    split_columns = math.ceil(inter / gemv_down_tile(config, weight_bytes)[1])
     down_iterations = math.ceil(split_columns / config.gemv_down_block_i)
     return gemv_stages_for(config, weight_bytes, 2 * math.ceil(inter / rows), rows, down_iterations)
 
 
 @pytest.mark.parametrize(("world_size", "weight_bytes", "stages"), [
-    (1, 1, (1, 3)),  # int8 gate_up: 1792 programs, more than one wave of 2-stage programs; down: 7 iterations
-    (2, 1, (2, 2)),  # 896 programs fit in one wave with 2 stages; down 4 iterations
-    (4, 1, (1, 1)),  # 8-row programs (their registers allow 8 per SM already); down 2 iterations
-    (8, 1, (1, 1)),
+    # int8 gate_up: 1792 programs, more than one wave of 2-stage programs; down (split in 2): 14 iterations
+    (1, 1, (1, 3)),
+    (2, 1, (2, 3)),  # 896 programs fit in one wave with 2 stages; down 7 iterations
+    (4, 1, (1, 2)),  # 8-row programs (their registers allow 8 per SM already); down 4 iterations
+    (8, 1, (1, 1)),  # down 2 iterations
     (1, 2, (3, 3)),  # bf16: pipelined while down loops at least 4 times
     (2, 2, (3, 3)),
     (4, 2, (1, 1)),
@@ -93,6 +94,13 @@ def mixtral_stages(world_size: int, weight_bytes: int, config: MoEConfig) -> tup
 def test_expert_kernels_pipeline_by_shard_shape(world_size: int, weight_bytes: int, stages: tuple[int, int]) -> None:
     assert mixtral_stages(world_size, weight_bytes, MoEConfig()) == stages
     assert mixtral_stages(world_size, weight_bytes, MoEConfig(gemv_stages=4)) == (4, 4)  # a set number: both
+
+
+def test_int8_down_programs_take_taller_tiles_and_fewer_splits() -> None:
+    config = MoEConfig()
+    assert gemv_down_tile(config, 1) == (16, 2)
+    assert gemv_down_tile(config, 2) == gemv_down_tile(config, 4) == (8, 4)
+    assert gemv_down_tile(MoEConfig(gemv_int8_down_block_o=8, gemv_int8_split=4), 1) == (8, 4)
 
 
 @pytest.mark.parametrize(("n", "k", "plan"), [

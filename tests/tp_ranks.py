@@ -241,24 +241,26 @@ def fused_all_reduce_errors(dtype: torch.dtype, parts, rank: int) -> list[tuple]
 
 @contextlib.contextmanager
 def traced_all_reduces():
-    """Collects the output of every one-shot all-reduce (tp.one_shot_all_reduce, eager calls only) made
-    inside, on the CPU: when ranks disagree, the test can tell an all-reduce that gave the ranks different
-    sums from a replicated computation that is not deterministic."""
+    """Collects the output of every tp.all_reduce (one-shot or NCCL; eager calls only) made inside, moved to
+    the CPU on the way out: when ranks disagree, the test can tell an all-reduce that gave the ranks
+    different sums from a replicated computation that is not deterministic. Copies stay on the device
+    until then: a copy to the CPU after each all-reduce would synchronise, and hide a missing stream wait."""
     from gpt_fast_mixtral import tp
 
     trace: list[torch.Tensor] = []
-    original = tp.one_shot_all_reduce
+    original = tp.all_reduce
 
-    def traced(x: torch.Tensor, buffer_index: int, group_name: str) -> torch.Tensor:
-        out = original(x, buffer_index, group_name)
-        trace.append(out.cpu())
+    def traced(x: torch.Tensor, group, buffer_index: int) -> torch.Tensor:
+        out = original(x, group, buffer_index)
+        trace.append(out.clone())
         return out
 
-    tp.one_shot_all_reduce = traced
+    tp.all_reduce = traced
     try:
         yield trace
     finally:
-        tp.one_shot_all_reduce = original
+        tp.all_reduce = original
+        trace[:] = [out.cpu() for out in trace]
 
 
 def rank_device() -> torch.device:

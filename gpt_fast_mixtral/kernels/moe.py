@@ -577,9 +577,19 @@ class MoEConfig:
     gemv_min_row_blocks: int = 448
     gemv_min_block_i: int = 4
     gemv_block_d: int = 1024
+    # Down tiles: gemv_down_block_o output rows a program, the reduction over the intermediate rows split
+    # in gemv_split parts (summed after the kernel), for 16-bit and float32 weights ...
     gemv_down_block_o: int = 8
     gemv_down_block_i: int = 512
     gemv_split: int = 4
+    # ... and for int8 weights (gemv_down_tile). H200, Mixtral-8x7B int8 MoE layer at one rank's shape, 16 rows
+    # split in 2 against 8 rows split in 4 (benchmarks/sweep_tp_shapes.py, session 13, two calls,
+    # results/h200_s13_sweep_down_tiles.log): W=1 95.9 / 98.7 against 98.7 / 99.6 us, W=2 56.8 / 57.2 against
+    # 58.2 / 58.8, W=4 36.2 / 35.6 against 36.5 / 36.6, W=8 26.9 against 27.6; down alone at W=1 32.7 against
+    # 34.0 (h200_s13_down_tiles_micro.log; w2 stored in blocks would add only 0.4-0.8 us more there). bf16
+    # weights lose with it (W=1 178.8 against 172.9 us, W=8 40.8 against 36.2).
+    gemv_int8_down_block_o: int = 16
+    gemv_int8_split: int = 2
     gemv_warps: int = 4
     # Iterations the matrix-vector loops load ahead (Triton's pipelining of a `tl.range` loop, through
     # shared memory); 1: none, each iteration waits a full memory latency for its tiles. 0: chosen per
@@ -688,27 +698,36 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     experts = expert_indices.reshape(-1).contiguous()  # int32 or int64: a cast was one more kernel per layer
     x = x.contiguous()
     h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
-    y = torch.empty(c.gemv_split, slots, dim, dtype=torch.float32, device=x.device)
     has_scales = scales is not None
     s1, s2, s3 = scales if has_scales else (w1, w2, w3)
     block_i = gemv_rows(inter, c, w13_block)
-    i_blocks, o_blocks = triton.cdiv(inter, block_i), triton.cdiv(dim, c.gemv_down_block_o)
+    block_o, split = gemv_down_tile(c, w2.element_size())
+    i_blocks, o_blocks = triton.cdiv(inter, block_i), triton.cdiv(dim, block_o)
     persistent = c.gemv_programs > 0
-    down_iterations = triton.cdiv(triton.cdiv(inter, c.gemv_split), c.gemv_down_block_i)
+    down_iterations = triton.cdiv(triton.cdiv(inter, split), c.gemv_down_block_i)
     gate_up_stages, down_stages = gemv_stages_for(c, w1.element_size(), slots * i_blocks, block_i, down_iterations)
-    gate_up_tiles, down_tiles = slots * i_blocks, slots * o_blocks * c.gemv_split
+    gate_up_tiles, down_tiles = slots * i_blocks, slots * o_blocks * split
     _gate_up_gemv_kernel[(min(gate_up_tiles, c.gemv_programs),) if persistent else (slots, i_blocks)](
         x, w1, w3, s1, s3, h, experts, top_k, gate_up_tiles,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
         HAS_SCALES=has_scales, MAGIC=c.int8_magic, BLOCK_I=block_i,
         BLOCK_D=_block_cols(c.gemv_block_d, w13_block), PERSISTENT=persistent, **_block_args(w13_block),
         STAGES=gate_up_stages, num_warps=c.gemv_warps)
-    _down_gemv_kernel[(min(down_tiles, c.gemv_programs),) if persistent else (slots, o_blocks, c.gemv_split)](
+    y = torch.empty(split, slots, dim, dtype=torch.float32, device=x.device)
+    _down_gemv_kernel[(min(down_tiles, c.gemv_programs),) if persistent else (slots, o_blocks, split)](
         h, w2, s2, y, experts, routing_weights.flatten().contiguous(), down_tiles,
         dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
-        y.stride(0), HAS_SCALES=has_scales, MAGIC=c.int8_magic, SPLIT=c.gemv_split, BLOCK_O=c.gemv_down_block_o,
+        y.stride(0), HAS_SCALES=has_scales, MAGIC=c.int8_magic, SPLIT=split, BLOCK_O=block_o,
         BLOCK_I=c.gemv_down_block_i, PERSISTENT=persistent, STAGES=down_stages, num_warps=c.gemv_warps)
     return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+
+
+def gemv_down_tile(config: MoEConfig, weight_bytes: int) -> tuple[int, int]:
+    """(output rows a down matrix-vector program, parts the reduction is split in) for weights of
+    `weight_bytes` per element."""
+    if weight_bytes == 1:
+        return config.gemv_int8_down_block_o, config.gemv_int8_split
+    return config.gemv_down_block_o, config.gemv_split
 
 
 def gemv_stages_for(config: MoEConfig, weight_bytes: int, gate_up_programs: int, gate_up_rows: int,
