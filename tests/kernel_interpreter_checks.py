@@ -123,17 +123,19 @@ def check_rope_rows() -> None:
 
 def check_int8_linear() -> None:
     persistent = linear.LinearConfig(gemv_programs=3)
-    pipelined = linear.LinearConfig(gemv_block_k=256, gemv_stages=3)
+    pipelined = linear.LinearConfig(gemv_block_k=256, gemv_stages=3)  # products summed after the loop
+    summed_each_iteration = linear.LinearConfig(gemv_block_k=256, gemv_stages=3, gemv_pipelined_defer=False)
     for rows, n, k, config in [(1, 40, 100, linear.DEFAULT_CONFIG), (1, 40, 100, persistent),
-                               (1, 40, 1000, pipelined), (1, 40, 3000, linear.DEFAULT_CONFIG),
+                               (1, 40, 1000, pipelined), (1, 40, 1000, summed_each_iteration),
+                               (1, 40, 3000, linear.DEFAULT_CONFIG),
                                (3, 96, 200, linear.DEFAULT_CONFIG)]:  # matrix-vector (one token), 16-row tile
         generator = torch.Generator().manual_seed(n + k)
         weight, scales = quantize_per_channel(torch.randn(n, k, generator=generator))
         x = torch.randn(rows, k, generator=generator)
         error = relative_error(linear.int8_linear(x, weight, scales, config),
                                linear.reference_int8_linear(x, weight, scales))
-        print(f"int8 linear ({rows}, {n}, {k}, programs {config.gemv_programs}, stages {config.gemv_stages}): "
-              f"{error:.1e}")
+        print(f"int8 linear ({rows}, {n}, {k}, programs {config.gemv_programs}, stages {config.gemv_stages}, "
+              f"deferred {config.gemv_pipelined_defer}): {error:.1e}")
         assert error < TOLERANCE
     weight, scales = quantize_per_channel(torch.randn(37, 1500))
     assert torch.equal(linear.dequantize(weight, scales, torch.float32), weight.float() * scales.float()[:, None])

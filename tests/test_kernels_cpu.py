@@ -160,15 +160,16 @@ def test_decode_kernels_compile() -> None:
                             "*fp32"] + ["i32"] * 17,
                            dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, BLOCK_HALF=64, SPLITS=64, MIN_CHUNK=256,
                                 SCALE=128 ** -0.5, PRECISION="tf32", ROPE=rope), num_stages=2)
-    for persistent, stages in ((False, 1), (True, 1), (False, 3)):
+    for persistent, stages, defer in ((False, 1, False), (True, 1, False), (False, 3, False), (False, 3, True)):
         compiled = compile_for_hopper(linear._int8_linear_kernel,
                                       ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
                                       dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048,
-                                           PERSISTENT=persistent, STAGES=stages), num_stages=1)
+                                           PERSISTENT=persistent, STAGES=stages, DEFER=defer), num_stages=1)
         assert_wide_weight_loads(compiled.asm["ptx"], stages)
     compile_for_hopper(linear._int8_linear_kernel,
                        ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
-                       dict(MAGIC=True, IEEE=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PERSISTENT=False, STAGES=1))
+                       dict(MAGIC=True, IEEE=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PERSISTENT=False, STAGES=1,
+                            DEFER=False))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

@@ -35,38 +35,49 @@ if triton is not None:
 
     @triton.jit
     def _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DEFER: tl.constexpr):
         """y[rows of n_block] for one token: CUDA-core FMAs on int8 weights dequantised in registers; STAGES
-        as kernels.moe's matrix-vector loops."""
+        as kernels.moe's matrix-vector loops. DEFER: each thread accumulates its own products across the
+        loop ([BLOCK_N, BLOCK_K] float32) and the threads' sums meet once, after it; else every iteration
+        sums its tile across threads."""
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
         scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # in flight during the loop
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if DEFER:
+            products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             w = dequant(tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0),
                         tl.float32, MAGIC)
-            acc += tl.sum(w * x[None, :], axis=1)
+            if DEFER:
+                products += w * x[None, :]
+            else:
+                acc += tl.sum(w * x[None, :], axis=1)
+        if DEFER:
+            acc = tl.sum(products, axis=1)
         tl.store(y_ptr + offs_n, (acc * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
     def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                             MAGIC: tl.constexpr, IEEE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            PERSISTENT: tl.constexpr = False, STAGES: tl.constexpr = 1):
+                            PERSISTENT: tl.constexpr = False, STAGES: tl.constexpr = 1,
+                            DEFER: tl.constexpr = False):
         """One token (BLOCK_M 1): a program per BLOCK_N rows, or with PERSISTENT a 1-D grid of fewer programs
         looping over the row blocks. 2..16 tokens: one 16-row tensor-core tile per (rows, tokens) block."""
         if BLOCK_M == 1:
             if PERSISTENT:
                 for n_block in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
                     _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC, BLOCK_N, BLOCK_K,
-                                     STAGES)
+                                     STAGES, DEFER)
             else:
                 _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), N, K, stride_wn, MAGIC, BLOCK_N,
-                                 BLOCK_K, STAGES)
+                                 BLOCK_K, STAGES, DEFER)
         else:
             offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
@@ -118,6 +129,11 @@ class LinearConfig:
     gemv_pipelined_block_k: int = 512
     gemv_pipelined_stages: int = 3
     gemv_pipeline_min_programs: int = 256
+    # Pipelined tiles sum their products across threads once, after the loop (_int8_gemv_block's DEFER).
+    # H200, 8 x 512 tiles 3 stages deep (session 13, results/h200_s13_linear_variants.log): wqkv 9.45
+    # against 9.98 us, wo 7.65 / 8.08, over 2 ranks 6.56 / 6.94 and 5.04 / 5.39. Unpipelined tiles keep the
+    # per-iteration sum: 2 x 2048 wqkv 11.57 with deferral against 10.86.
+    gemv_pipelined_defer: bool = True
     tile_block_n: int = 32
     tile_block_k: int = 256
     tile_warps: int = 4
@@ -164,9 +180,11 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig 
     c = config
     persistent = False
     loop_stages = 1
+    defer = False
     if rows == 1:
         block_m, warps, stages = 1, c.gemv_warps, 1
         block_n, block_k, loop_stages = gemv_plan(n, k, c)
+        defer = loop_stages > 1 and c.gemv_pipelined_defer
         persistent = c.gemv_programs > 0
     else:
         block_m, block_n, block_k, warps, stages = 16, c.tile_block_n, c.tile_block_k, c.tile_warps, c.tile_stages
@@ -176,7 +194,7 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig 
     _int8_linear_kernel[grid](x2, weight, scales, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
                               MAGIC=c.int8_magic, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
                               BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=persistent, STAGES=loop_stages,
-                              num_warps=warps, num_stages=stages)
+                              DEFER=defer, num_warps=warps, num_stages=stages)
     return y.view(*shape[:-1], n)
 
 
