@@ -125,7 +125,7 @@ def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool, s
     down = compile_for_hopper(
         moe._down_gemv_kernel, ["*bf16", "*i8", "*bf16", "*fp32", "*i32", "*bf16", "i32", "i32", "i32", "i32",
                                 "i64", "i32", "i32", "i32", "i32"],
-        dict(SPLIT=config.gemv_int8_split, BLOCK_O=config.gemv_int8_down_block_o, BLOCK_I=config.gemv_down_block_i,
+        dict(zip(("BLOCK_O", "SPLIT"), moe.gemv_down_tile(config, 1), strict=True), BLOCK_I=config.gemv_down_block_i,
              **common),
         num_warps=config.gemv_warps)
     for compiled in (gate_up, down):
