@@ -402,6 +402,9 @@ def summary_line(result: dict, options: argparse.Namespace) -> str:
     return f"{line}; TTFT ms {result['ttft_ms']}"
 
 
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
 def config_settings(parser: argparse.ArgumentParser, flag: str, settings: list[str], config: type) -> dict:
     """NAME=VALUE strings as fields of the dataclass `config`, each converted to its default's type."""
     defaults = {field.name: field.default for field in dataclasses.fields(config)}
@@ -411,8 +414,13 @@ def config_settings(parser: argparse.ArgumentParser, flag: str, settings: list[s
         if name not in defaults or not value:
             parser.error(f"{flag} {setting}: expected NAME=VALUE, NAME one of {', '.join(defaults)}")
         kind = type(defaults[name])
+        if kind is bool:
+            if value.lower() not in BOOLEANS:
+                parser.error(f"{flag} {setting}: {name} takes one of {', '.join(BOOLEANS)}")
+            converted[name] = BOOLEANS[value.lower()]
+            continue
         try:
-            converted[name] = value.lower() in ("1", "true") if kind is bool else kind(value)
+            converted[name] = kind(value)
         except ValueError:
             parser.error(f"{flag} {setting}: {name} takes a {kind.__name__}")
     return converted

@@ -184,6 +184,9 @@ def test_kernel_config_settings_are_typed_and_checked() -> None:
     settings = benchmark.config_settings(parser, "--moe-config", ["gemv_stages=2", "int8_magic=false"],
                                          benchmark.moe_kernels.MoEConfig)
     assert settings == {"gemv_stages": 2, "int8_magic": False}
-    for bad in (["no_such_field=1"], ["gemv_stages=two"], ["gemv_stages"]):
+    assert benchmark.config_settings(parser, "--moe-config", ["int8_magic=TRUE"],
+                                     benchmark.moe_kernels.MoEConfig) == {"int8_magic": True}
+    # a misspelt boolean is an error, not False
+    for bad in (["no_such_field=1"], ["gemv_stages=two"], ["gemv_stages"], ["int8_magic=ture"]):
         with pytest.raises(SystemExit):
             benchmark.config_settings(parser, "--moe-config", bad, benchmark.moe_kernels.MoEConfig)
