@@ -239,6 +239,17 @@ class ConditionalFeedForward(nn.Module):
             return self._dense(x, expert_weights, expert_indices)
         return self._grouped(x, expert_weights, expert_indices)
 
+    def end_block(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor, residual: Tensor, norm: RMSNorm
+                  ) -> tuple[Tensor, Tensor] | None:
+        """(residual + self(x, ...), norm(that)) from the fused decode kernels, which end the block with a
+        kernel of their own where they launch with PDL (kernels.moe.ends_block); None elsewhere (the
+        caller adds and normalises)."""
+        if not (fused_moe_kernels.available(x) and fused_moe_kernels.ends_block(x, expert_indices.numel())):
+            return None
+        end = fused_moe_kernels.BlockEnd(residual, norm.weight, norm.eps)
+        return fused_moe_kernels.fused_moe(x, self.w1, self.w2, self.w3, expert_weights, expert_indices,
+                                           self.fused_scales(), w13_block=self.w13_block, end=end)
+
     def _project(self, x: Tensor, name: str, index: Tensor | int | slice, equation: str) -> Tensor:
         weight, scale = self.expert_weight(name, index, x.dtype)
         out = torch.einsum(equation, x, weight)
@@ -325,6 +336,16 @@ class MOEFeedForward(nn.Module):
         weights, indices = self.route(x) if routing is None else routing
         return self.cond_ffn(x, weights, indices).reshape(shape)
 
+    def end_block(self, x: Tensor, routing: tuple[Tensor, Tensor], residual: Tensor, norm: RMSNorm
+                  ) -> tuple[Tensor, Tensor] | None:
+        """ConditionalFeedForward.end_block for x [..., D] (None: not fused here, or experts of another kind)."""
+        end_block = getattr(self.cond_ffn, "end_block", None)
+        if end_block is None:
+            return None
+        shape = x.shape
+        ended = end_block(x.reshape(-1, shape[-1]), *routing, residual.reshape(-1, shape[-1]), norm)
+        return None if ended is None else (ended[0].view(shape), ended[1].view(shape))
+
 
 class TransformerBlock(nn.Module):
     # On a GPU: the residual add, ffn_norm and the routing in one kernel (kernels/router.py) instead of
@@ -342,10 +363,15 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None,
                 normed: Tensor | None = None, next_norm: RMSNorm | None = None) -> tuple[Tensor, Tensor | None]:
         """The block's output for x [B, T, D], and next_norm(output) where the block computed it on the way
-        (tp.TensorParallelBlock fuses it into its last all-reduce; None here). `normed`: attention_norm(x),
+        (the fused decode kernels' block end, ConditionalFeedForward.end_block; tp.TensorParallelBlock's last
+        all-reduce), else None. `normed`: attention_norm(x),
         when the block before computed it."""
         attended = self.attention(self.attention_norm(x) if normed is None else normed, cos, sin, input_pos, kv_len)
         h, moe_input, routing = self.residual_norm_route(x, attended)
+        if next_norm is not None and routing is not None:
+            ended = self.block_sparse_moe.end_block(moe_input, routing, h, next_norm)
+            if ended is not None:
+                return ended
         return h + self.block_sparse_moe(moe_input, routing=routing), None
 
     def residual_norm_route(self, x: Tensor, attended: Tensor

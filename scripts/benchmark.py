@@ -43,6 +43,7 @@ from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
 from gpt_fast_mixtral.kernels import linear as linear_kernels  # noqa: E402
 from gpt_fast_mixtral.kernels import moe as moe_kernels  # noqa: E402
+from gpt_fast_mixtral.kernels import pdl  # noqa: E402
 from gpt_fast_mixtral.model import Attention, FusedOnGpu, TransformerBlock  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
 from gpt_fast_mixtral.tp import (  # noqa: E402
@@ -269,6 +270,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         TransformerBlock.fused_router = options.fused_router
     if options.fused_rope_cache is not None:
         Attention.fused_rope_cache = options.fused_rope_cache
+    if options.pdl is not None:
+        pdl.ENABLED = options.pdl
     if options.fused_all_reduce is not None:
         TensorParallelBlock.fused_all_reduce = options.fused_all_reduce
     moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG, **options.moe_settings)
@@ -327,6 +330,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "fused_router": TransformerBlock.fused_router,
         "compiled_prefill_ops": FusedOnGpu.enabled,
         "fused_rope_cache": Attention.fused_rope_cache,
+        "pdl": pdl.ENABLED,
         "compile": compile_step,
         "parallel": options.parallel or "none",
         "world_size": world_size,
@@ -463,6 +467,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eager-prefill-ops", action="store_true",
                         help="prefill's rms_norm and rotary embedding as eager PyTorch ops instead of one "
                              "compiled kernel each (model.FusedOnGpu)")
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=None,
+                        help="one-token decode kernels launched with programmatic dependent launch on sm_90+, "
+                             "the MoE block ending in a kernel of ours (default: "
+                             "gpt_fast_mixtral.kernels.pdl.ENABLED, on)")
     parser.add_argument("--fused-rope-cache", action=argparse.BooleanOptionalAction, default=None,
                         help="rotary embedding, KV-cache write and attention of a decode step in one kernel "
                              "(default: model.Attention.fused_rope_cache, on)")

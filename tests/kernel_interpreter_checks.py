@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from gpt_fast_mixtral import model as model_module  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
-from gpt_fast_mixtral.kernels import allreduce, attention, linear, moe, router  # noqa: E402
+from gpt_fast_mixtral.kernels import allreduce, attention, linear, moe, pdl, router  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_per_channel  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -58,6 +58,31 @@ def check_moe(name: str, config: moe.MoEConfig, shapes: list[tuple[int, ...]],
         print(f"{name}{'' if block is None else f' {block} blocks'} {shape}: float32 {error:.1e}, "
               f"int8 {error_int8:.1e}")
         assert error < TOLERANCE and error_int8 < TOLERANCE, name
+
+
+def check_block_end() -> None:
+    """The gemv path ending the block (fused_moe's `end`: residual + the experts' sum and its RMSNorm) and
+    block_end alone on a row wider than one block (its two-pass form), against the model's functions."""
+    config = moe.MoEConfig(gemv_max_slots=1 << 30, gemv_block_d=64, gemv_down_block_i=64)
+    for tokens, experts, top_k, dim, inter in [(1, 8, 2, 96, 200), (3, 5, 3, 64, 128)]:
+        x, w1, w2, w3, weights, ids = moe_inputs(tokens, experts, top_k, dim, inter, seed=dim)
+        residual, norm_weight = torch.randn(tokens, dim), torch.rand(dim) + 0.5
+        out, normed = moe.fused_moe(x, w1, w2, w3, weights, ids, config=config,
+                                    end=moe.BlockEnd(residual, norm_weight, 1e-5))
+        expected = residual + moe.reference_moe(x, w1, w2, w3, weights, ids)
+        assert relative_error(out, expected) < TOLERANCE, "block end: out"
+        assert relative_error(normed, model_module.rms_norm(out, norm_weight, 1e-5)) < TOLERANCE, "block end: norm"
+        print(f"moe block end {(tokens, experts, top_k, dim, inter)}: equal")
+    generator = torch.Generator().manual_seed(7)
+    for dim in (9000, 100):
+        partials = torch.randn(3, 4, dim, generator=generator)  # [split, tokens * top_k, D]
+        residual, norm_weight = torch.randn(2, dim, generator=generator), torch.rand(dim, generator=generator)
+        summed = partials.sum(0).view(2, 2, dim).sum(1)
+        out, normed = moe.block_end(partials, 2, torch.float32, moe.BlockEnd(residual, norm_weight, 1e-6))
+        assert torch.allclose(out, residual + summed, rtol=1e-5, atol=1e-5), "block end: two passes"
+        assert torch.allclose(normed, model_module.rms_norm(out, norm_weight, 1e-6), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(moe.block_end(partials, 2, torch.float32), summed, rtol=1e-5, atol=1e-5)
+        print(f"block end of {dim} columns: equal")
 
 
 def check_rows_to_fp16() -> None:
@@ -196,28 +221,35 @@ def check_decode_attention() -> None:
         assert torch.equal(caches[1], expected_caches[1])
 
 
-def check_model_decode_step() -> None:
-    """A decode step through the attention kernel, the fused rope/cache write and the fused router, against
-    the PyTorch path (rows at different lengths, a sliding window)."""
+def check_model_decode_step(rows: int = 2, experts: bool = False) -> None:
+    """A decode step of `rows` rows through the attention kernel, the fused rope/cache write and the fused
+    router (and with `experts` the fused MoE kernels), against the PyTorch path (rows at different
+    lengths, a sliding window)."""
     args = ModelArgs(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
                      num_experts=5, num_experts_per_tok=2, sliding_window=5)
     torch.manual_seed(0)
     model = model_module.Transformer(args)
     for parameter in model.parameters():
         torch.nn.init.normal_(parameter, std=0.2)
-    tokens = torch.randint(0, 300, (2, 9))
+    tokens = torch.randint(0, 300, (rows, 9))
+    modules = (attention, router, moe) if experts else (attention, router)
+    available = {module: module.available for module in modules}
     logits = {}
-    with torch.no_grad():
-        for kernels in (False, True):
-            for module in (attention, router):
-                module.available = lambda x, on=kernels: on  # the interpreter runs the kernels on the CPU
-            model_module.Attention.fused_rope_cache = model_module.TransformerBlock.fused_router = kernels
-            model.max_batch_size = 0  # fresh caches
-            model.setup_caches(2, 32)
-            model(tokens[:, :8], torch.arange(8).repeat(2, 1))
-            logits[kernels] = model(tokens[:, 8:], torch.tensor([[8], [3]]))
+    try:
+        with torch.no_grad():
+            for kernels in (False, True):
+                for module in modules:
+                    module.available = lambda x, on=kernels: on  # the interpreter runs the kernels on the CPU
+                model_module.Attention.fused_rope_cache = model_module.TransformerBlock.fused_router = kernels
+                model.max_batch_size = 0  # fresh caches
+                model.setup_caches(rows, 32)
+                model(tokens[:, :8], torch.arange(8).repeat(rows, 1))
+                logits[kernels] = model(tokens[:, 8:], torch.tensor([[8], [3]])[:rows])
+    finally:
+        for module, function in available.items():
+            module.available = function
     error = relative_error(logits[True], logits[False])
-    print(f"model decode step with the kernels: {error:.1e}")
+    print(f"model decode step of {rows} rows with the kernels{' and experts' if experts else ''}: {error:.1e}")
     assert error < TOLERANCE
 
 
@@ -303,6 +335,26 @@ def check_push_residual_norm() -> None:
     print("push all-reduce with residual, norm and routing: sums, resets and phases")
 
 
+def check_pdl_paths() -> None:
+    """The decode kernels' PDL code (kernels.pdl: weights' first tile loaded before the wait, the loops
+    starting after it; the wait, release and L2 prefetch themselves are GPU instructions, left out here)
+    through the same checks, with PDL taken as active; the MoE then ends with the block-end kernel."""
+    active = pdl.active
+    pdl.active = lambda x: True
+    try:
+        gemv = dict(gemv_max_slots=1 << 30, gemv_block_d=64, gemv_down_block_i=64)
+        check_moe("gemv with pdl", moe.MoEConfig(**gemv), [(3, 5, 3, 96, 200), (1, 8, 2, 64, 100)])
+        check_moe("gemv pipelined with pdl", moe.MoEConfig(gemv_stages=3, **gemv), [(1, 8, 2, 96, 200)],
+                  block=(4, 32))
+        check_int8_linear()
+        check_router()
+        check_decode_attention()
+        check_block_end()
+        check_model_decode_step(rows=1, experts=True)  # the block ends in the MoE's kernels
+    finally:
+        pdl.active = active
+
+
 def main() -> None:
     small_tiles = dict(grouped_block_m=32, grouped_block_n=32, grouped_block_k=32, grouped_down_block_n=32)
     prefill_shapes = [(3, 5, 3, 96, 200), (50, 8, 2, 64, 128)]
@@ -323,6 +375,7 @@ def main() -> None:
                                                **small_tiles), [(3, 5, 3, 96, 200)], block=(4, 32))
     check_moe("gemv", moe.MoEConfig(**gemv), [(3, 5, 3, 96, 200)], block=(4, 32))
     check_moe("gemv pipelined", moe.MoEConfig(gemv_stages=3, **gemv), [(3, 5, 3, 96, 200)], block=(4, 32))
+    check_block_end()
     check_rows_to_fp16()
     check_grouped_int8_fp16()
     check_int8_linear()
@@ -333,6 +386,7 @@ def main() -> None:
     check_model_decode_step()
     check_push_all_reduce()
     check_push_residual_norm()
+    check_pdl_paths()
     print("all kernel checks passed")
 
 

@@ -128,3 +128,38 @@ def test_prefill_rope_kernel_and_int8_linear_match_their_references(dtype):
         got = layer(x)  # 3 x 2048 and 3 x 37 rows: prefill's dequantised weight; 3 rows: the kernel
         expected = reference_int8_linear(x.view(-1, 512), layer.weight, layer.scales).view(3, tokens, 300)
         assert got.dtype == dtype and relative_error(got, expected) < (5e-3 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_with_and_without_programmatic_dependent_launch(checkpoint, dtype):
+    """kernels.pdl: the compiled one-token step with PDL (on sm_90+) and its block-end kernel gives the
+    tokens (float32) / logits (bfloat16, int8) of the plain launches and the compiled block end."""
+    from gpt_fast_mixtral.kernels import pdl
+    from gpt_fast_mixtral.quantize import quantize_checkpoint
+
+    if not pdl.active(torch.empty(1, device="cuda")):
+        pytest.skip("programmatic dependent launch needs an sm_90+ GPU and a Triton with it")
+    tokenizer = Tokenizer(checkpoint.parent / "tokenizer.model")
+    paths = [checkpoint]
+    if dtype == torch.bfloat16:
+        paths.append(quantize_checkpoint(checkpoint, output_path=checkpoint.parent / "model_int8_pdl.pth",
+                                         device="cuda"))
+    params = [SamplingParams(max_new_tokens=24)]
+    for path in paths:
+        results = {}
+        for enabled in (False, True):
+            pdl.ENABLED = enabled
+            torch._dynamo.reset()  # each model and setting compiles the step anew: stay under the recompile limit
+            try:
+                model = load_model(path, device="cuda", dtype=dtype)
+                engine = Engine(model, tokenizer, max_batch_size=1, max_seq_len=128, compile=True)
+                tokens = engine.generate(PROMPTS[:1], params)[0].tokens
+                with torch.inference_mode():  # one eager step after the prompt and its tokens
+                    logits = engine.model(torch.tensor([[5]], device="cuda"), torch.tensor([[60]], device="cuda"))
+                results[enabled] = tokens, logits.float()
+            finally:
+                pdl.ENABLED = True
+        if dtype == torch.float32:
+            assert results[True][0] == results[False][0]
+        (_, plain), (_, launched) = results[False], results[True]
+        assert ((launched - plain).norm() / plain.norm()).item() < (1e-5 if dtype == torch.float32 else 2e-2)

@@ -47,6 +47,8 @@ def compile_for_hopper(fn, types: list[str], constexprs: dict, num_warps: int = 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # constexpr parameters left out take their defaults (e.g. PDL off)
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
     names = [name for name in fn.arg_names if name not in constexprs]
     assert len(names) == len(types), names
     signature = dict(zip(names, types, strict=True))
@@ -109,12 +111,35 @@ def test_prefill_moe_helper_kernels_compile() -> None:
                        dict(TOP_K=2, BLOCK=1024))
 
 
+def assert_pdl(ptx: str, prefetch: bool = False) -> None:
+    """Programmatic dependent launch's wait and release (kernels.pdl); with `prefetch`, the weight tile
+    asked of L2 before the wait."""
+    assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
+    assert ("prefetch.global.L2" in ptx) == prefetch
+    if prefetch:
+        assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
+
+
+@pytest.mark.parametrize("pdl_on", [False, True])
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_block_end_kernel_compiles(single_pass: bool, pdl_on: bool) -> None:
+    compiled = compile_for_hopper(moe._block_end_kernel, ["*fp32", "*bf16", "*bf16", "*bf16", "*bf16", "i32", "fp32"]
+                                  + ["i32"] * 5,
+                                  dict(SPLIT=2, TOP_K=2, END=True, BLOCK_D=4096 if single_pass else 2048,
+                                       SINGLE_PASS=single_pass, PDL=pdl_on), num_warps=8)
+    if pdl_on:
+        assert_pdl(compiled.asm["ptx"])
+    else:
+        assert "griddepcontrol" not in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("pdl_on", [False, True])  # programmatic dependent launch (kernels.pdl)
 @pytest.mark.parametrize("stages", [1, 3])  # MoEConfig.gemv_stages: loads a loop iteration ahead, or not
 @pytest.mark.parametrize("blocked", [False, True])  # w1 / w3 row-major, or in the int8 engines' blocks
 @pytest.mark.parametrize("persistent", [False, True])
-def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool, stages: int) -> None:
+def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool, stages: int, pdl_on: bool) -> None:
     config = moe.MoEConfig()
-    common = dict(HAS_SCALES=True, MAGIC=True, PERSISTENT=persistent, STAGES=stages)
+    common = dict(HAS_SCALES=True, MAGIC=True, PERSISTENT=persistent, STAGES=stages, PDL=pdl_on)
     blocks = dict(zip(("BR", "BC"), INT8_W13_BLOCK if blocked else (0, 0), strict=True))
     gate_up = compile_for_hopper(
         moe._gate_up_gemv_kernel, ["*bf16", "*i8", "*i8", "*bf16", "*bf16", "*bf16", "*i32", "i32", "i32", "i32",
@@ -126,13 +151,16 @@ def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool, s
         moe._down_gemv_kernel, ["*bf16", "*i8", "*bf16", "*fp32", "*i32", "*bf16", "i32", "i32", "i32", "i32",
                                 "i64", "i32", "i32", "i32", "i32"],
         dict(zip(("BLOCK_O", "SPLIT"), moe.gemv_down_tile(config, 1), strict=True), BLOCK_I=config.gemv_down_block_i,
-             **common),
+             PREFETCH=pdl_on, **common),
         num_warps=config.gemv_warps)
     for compiled in (gate_up, down):
         assert_wide_weight_loads(compiled.asm["ptx"], stages)
         # int8 -> float32 by int8_to_fp32's prmt into 2**23's mantissa, not by sign extension + integer add
         assert "prmt.b32" in compiled.asm["ptx"] and "0x7540" in compiled.asm["ptx"]
         assert "cvt.s32.s8" not in compiled.asm["ptx"]
+    if pdl_on:  # down asks L2 for its tile before waiting for gate_up (not the persistent grid)
+        assert_pdl(gate_up.asm["ptx"])
+        assert_pdl(down.asm["ptx"], prefetch=not persistent)
 
 
 def assert_wide_weight_loads(ptx: str, stages: int) -> None:
@@ -150,8 +178,8 @@ def test_decode_kernels_compile() -> None:
         compile_for_hopper(router._residual_norm_route_kernel,
                            ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i64", "i32", "i32",
                             "fp32", "i32", "i32", "i32", "i32", "i32"],
-                           dict(TOP_K=2, BLOCK_K=2, BLOCK_D=block_d, BLOCK_E=8, SINGLE_PASS=single_pass),
-                           num_warps=warps)
+                           dict(TOP_K=2, BLOCK_K=2, BLOCK_D=block_d, BLOCK_E=8, SINGLE_PASS=single_pass,
+                                PDL=single_pass), num_warps=warps)
     compile_for_hopper(attention._rope_rows_kernel, ["*bf16", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32", "i32",
                                                      "i32", "i32", "i32", "i32"], dict(BLOCK_H=4, BLOCK_HALF=64))
     for rope in (False, True):
@@ -159,13 +187,18 @@ def test_decode_kernels_compile() -> None:
                            ["*bf16", "*bf16", "*bf16", "*i64", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*fp32",
                             "*fp32"] + ["i32"] * 17,
                            dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, BLOCK_HALF=64, SPLITS=64, MIN_CHUNK=256,
-                                SCALE=128 ** -0.5, PRECISION="tf32", ROPE=rope), num_stages=2)
-    for persistent, stages, defer in ((False, 1, False), (True, 1, False), (False, 3, False), (False, 3, True)):
+                                SCALE=128 ** -0.5, PRECISION="tf32", ROPE=rope, PDL=rope), num_stages=2)
+    for persistent, stages, defer, pdl_on in ((False, 1, False, False), (True, 1, False, False),
+                                              (False, 3, False, False), (False, 3, True, False),
+                                              (False, 3, True, True), (False, 1, False, True), (True, 1, False, True)):
         compiled = compile_for_hopper(linear._int8_linear_kernel,
                                       ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
                                       dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048,
-                                           PERSISTENT=persistent, STAGES=stages, DEFER=defer), num_stages=1)
+                                           PERSISTENT=persistent, STAGES=stages, DEFER=defer, PDL=pdl_on),
+                                      num_stages=1)
         assert_wide_weight_loads(compiled.asm["ptx"], stages)
+        if pdl_on:
+            assert_pdl(compiled.asm["ptx"], prefetch=not persistent)
     compile_for_hopper(linear._int8_linear_kernel,
                        ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
                        dict(MAGIC=True, IEEE=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PERSISTENT=False, STAGES=1,

@@ -18,11 +18,13 @@ import math
 import torch
 from torch import Tensor
 
-from gpt_fast_mixtral.kernels import moe
+from gpt_fast_mixtral.kernels import moe, pdl
 
 triton = moe.triton
 if triton is not None:
     import triton.language as tl
+
+    from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait
 
 
 def available(x: Tensor) -> bool:
@@ -60,7 +62,7 @@ if triton is not None:
             stride_oh, stride_pb, stride_ph, stride_count, stride_cos_b, stride_cos_d, stride_sin_b, stride_sin_d,
             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr,
             SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
-            ROPE: tl.constexpr):
+            ROPE: tl.constexpr, PDL: tl.constexpr = False):
         """Program (row b, kv head, split): the GROUP query heads sharing the kv head attend to one chunk
         of the row's filled slots [start, length). The chunk length is chosen per row from its length
         (>= MIN_CHUNK, at most SPLITS chunks), so a short row runs one program per kv head and writes its
@@ -71,7 +73,10 @@ if triton is not None:
         ROPE: q_ptr holds each row's qkv projection ([Hq + 2 Hkv] heads of head_dim); the query heads are
         rotated here (cos / sin [B, head_dim / 2]), and the chunk holding the row's new position (len_ptr
         holds positions: length = position + 1) first writes the rotated key and the value into the
-        caches. Otherwise q_ptr holds the rotated queries [B, Hq, head_dim] and len_ptr the lengths."""
+        caches. Otherwise q_ptr holds the rotated queries [B, Hq, head_dim] and len_ptr the lengths.
+        PDL: launched with programmatic dependent launch (kernels.pdl)."""
+        pdl_release(PDL)
+        pdl_wait(PDL)
         b = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -213,6 +218,7 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window
                          f"{list(counters.shape)}")
     cos, sin = rope if rope is not None else (m, m)  # placeholders, never read without ROPE
     rows = q.view(batch, -1, head_dim) if rope is not None else q
+    use_pdl = pdl.active(q)
     _decode_attention_kernel[(batch, n_kv_heads, splits)](
         rows, k_cache, v_cache, lengths, out, m, denom, acc, counters, cos, sin, window or 0, head_dim,
         rows.stride(0), rows.stride(1), lengths.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -221,7 +227,7 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_S=block_s, BLOCK_HALF=block_half,
         SPLITS=splits, MIN_CHUNK=min_chunk, SCALE=1.0 / math.sqrt(head_dim),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # bf16 operands ignore it
-        ROPE=rope is not None, num_warps=4, num_stages=2)
+        ROPE=rope is not None, PDL=use_pdl, num_warps=4, num_stages=2, **pdl.launch_options(use_pdl))
     return out
 
 
@@ -251,8 +257,29 @@ def rope_cache_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
                          f"expected, got {list(qkv.shape)} and {list(k_cache.shape)}")
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
+    if pdl.compiled_launch(qkv):
+        if counters is None:
+            counters = torch.zeros(qkv.shape[0], n_kv_heads, dtype=torch.int32, device=qkv.device)
+        return torch.ops.gpt_fast_mixtral.rope_cache_attention(
+            qkv, cos, sin, k_cache, v_cache, positions, counters, n_heads, head_dim, window or 0, block_s,
+            target_programs, min_chunk)
     return _attend(qkv, k_cache, v_cache, positions, window, n_heads, head_dim, counters, (cos, sin), block_s,
                    target_programs, min_chunk)
+
+
+@torch.library.custom_op("gpt_fast_mixtral::rope_cache_attention", mutates_args=("k_cache", "v_cache", "counters"))
+def _rope_cache_attention_op(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                             positions: Tensor, counters: Tensor, n_heads: int, head_dim: int, window: int,
+                             block_s: int, target_programs: int, min_chunk: int) -> Tensor:
+    """rope_cache_attention launched by compiled code (kernels.pdl); window 0: none."""
+    return _attend(qkv, k_cache, v_cache, positions, window or None, n_heads, head_dim, counters, (cos, sin),
+                   block_s, target_programs, min_chunk)
+
+
+@_rope_cache_attention_op.register_fake
+def _(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, counters: Tensor,
+      n_heads: int, head_dim: int, window: int, block_s: int, target_programs: int, min_chunk: int) -> Tensor:
+    return qkv.new_empty(qkv.shape[0], n_heads, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------------

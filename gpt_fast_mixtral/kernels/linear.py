@@ -14,11 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gpt_fast_mixtral.kernels import moe
+from gpt_fast_mixtral.kernels import moe, pdl
 
 triton = moe.triton
 if triton is not None:
     import triton.language as tl
+
+    from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait, prefetch_l2_rows
 
     dequant = moe.dequant
 
@@ -35,11 +37,13 @@ if triton is not None:
 
     @triton.jit
     def _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DEFER: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DEFER: tl.constexpr,
+                         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = True):
         """y[rows of n_block] for one token: CUDA-core FMAs on int8 weights dequantised in registers; STAGES
         as kernels.moe's matrix-vector loops. DEFER: each thread accumulates its own products across the
         loop ([BLOCK_N, BLOCK_K] float32) and the threads' sums meet once, after it; else every iteration
-        sums its tile across threads."""
+        sums its tile across threads. PDL (kernels.pdl): before waiting for the kernel that writes x, load
+        the weight tile's first BLOCK_K columns (and with PREFETCH ask L2 for the whole tile)."""
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
@@ -48,7 +52,21 @@ if triton is not None:
             products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        start = 0
+        if PDL:
+            if PREFETCH:
+                prefetch_l2_rows(w_ptr + offs_n.to(tl.int64) * stride_wn, mask_n, K, 16)
+            offs_k = tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            w_first = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+            pdl_wait(PDL)
+            x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            if DEFER:
+                products += dequant(w_first, tl.float32, MAGIC) * x[None, :]
+            else:
+                acc += tl.sum(dequant(w_first, tl.float32, MAGIC) * x[None, :], axis=1)
+            start = BLOCK_K
+        for k0 in tl.range(start, K, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -67,9 +85,13 @@ if triton is not None:
                             MAGIC: tl.constexpr, IEEE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             PERSISTENT: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                            DEFER: tl.constexpr = False):
+                            DEFER: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = True):
         """One token (BLOCK_M 1): a program per BLOCK_N rows, or with PERSISTENT a 1-D grid of fewer programs
-        looping over the row blocks. 2..16 tokens: one 16-row tensor-core tile per (rows, tokens) block."""
+        looping over the row blocks. 2..16 tokens: one 16-row tensor-core tile per (rows, tokens) block.
+        PDL: launched with programmatic dependent launch (kernels.pdl)."""
+        pdl_release(PDL)
+        if BLOCK_M != 1 or PERSISTENT:
+            pdl_wait(PDL)
         if BLOCK_M == 1:
             if PERSISTENT:
                 for n_block in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
@@ -77,7 +99,7 @@ if triton is not None:
                                      STAGES, DEFER)
             else:
                 _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), N, K, stride_wn, MAGIC, BLOCK_N,
-                                 BLOCK_K, STAGES, DEFER)
+                                 BLOCK_K, STAGES, DEFER, PDL, PREFETCH)
         else:
             offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
@@ -134,6 +156,12 @@ class LinearConfig:
     # against 9.98 us, wo 7.65 / 8.08, over 2 ranks 6.56 / 6.94 and 5.04 / 5.39. Unpipelined tiles keep the
     # per-iteration sum: 2 x 2048 wqkv 11.57 with deferral against 10.86.
     gemv_pipelined_defer: bool = True
+    # With PDL (kernels.pdl) a one-token program loads its first weight tile before its wait; True: it also
+    # asks L2 for the whole tile. Off: every kernel of the chain releases the next first thing, so the
+    # prefetches of several kernels land at once and crowd out the running one. H200, int8 Mixtral-8x7B
+    # batch 1 (scripts/benchmark.py, session 15, one call): 260.3 tok/s without the prefetch, 253.9 with,
+    # 247.5 / 249.6 without PDL (results/h200_s15_*).
+    pdl_prefetch: bool = False
     tile_block_n: int = 32
     tile_block_k: int = 256
     tile_warps: int = 4
@@ -171,6 +199,12 @@ def gemv_plan(n: int, k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[in
 
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig = DEFAULT_CONFIG) -> Tensor:
     """(x @ weight.T) * scales in x's dtype for x [..., K] with at most config.max_tokens rows."""
+    if pdl.compiled_launch(x):
+        return torch.ops.gpt_fast_mixtral.int8_linear(x, weight, scales, pdl.config_values(config))
+    return _int8_linear(x, weight, scales, config)
+
+
+def _int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig) -> Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -191,11 +225,23 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig 
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_m))
     if persistent:
         grid = (min(grid[0], c.gemv_programs), 1)
+    use_pdl = pdl.active(x)
     _int8_linear_kernel[grid](x2, weight, scales, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
                               MAGIC=c.int8_magic, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
                               BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=persistent, STAGES=loop_stages,
-                              DEFER=defer, num_warps=warps, num_stages=stages)
+                              DEFER=defer, PDL=use_pdl, PREFETCH=c.pdl_prefetch, num_warps=warps, num_stages=stages,
+                              **pdl.launch_options(use_pdl))
     return y.view(*shape[:-1], n)
+
+
+@torch.library.custom_op("gpt_fast_mixtral::int8_linear", mutates_args=())
+def _int8_linear_op(x: Tensor, weight: Tensor, scales: Tensor, config: list[int]) -> Tensor:
+    return _int8_linear(x, weight, scales, pdl.config_from_values(LinearConfig, config))
+
+
+@_int8_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, scales: Tensor, config: list[int]) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 if triton is not None:

@@ -12,12 +12,15 @@ The k partial rows are summed at the end. An expert no token chose costs one loa
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from gpt_fast_mixtral.kernels import pdl
+from gpt_fast_mixtral.kernels.pdl import INLINE_PTX
 
 try:
     import triton
@@ -28,10 +31,6 @@ except ImportError:  # CPU-only installs: the model falls back to its PyTorch pa
 
 def available(x: Tensor) -> bool:
     return triton is not None and x.is_cuda
-
-
-# Inline PTX runs on NVIDIA GPUs only: not in Triton's CPU interpreter, not on ROCm.
-INLINE_PTX = triton is not None and os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.version.hip is None
 
 
 def reference_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor,
@@ -53,6 +52,10 @@ def reference_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights
 
 
 if triton is not None:
+    # By name: Inductor compiles user kernels from their source and resolves plain global names only.
+    from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait, prefetch_l2_rows
+    from gpt_fast_mixtral.kernels.router import normed_row, rms_rstd
+
     _INLINE_PTX = tl.constexpr(INLINE_PTX)
 
     @triton.jit
@@ -204,6 +207,72 @@ if triton is not None:
         tl.store(out_ptr + token * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _split_sum(y_ptr, token, offs, mask, stride_split, stride_y, SPLIT: tl.constexpr, TOP_K: tl.constexpr):
+        """The token's experts' sum over columns offs from the down kernel's partials y [SPLIT, slots, D]:
+        each slot's splits summed in order, then the slots in order (float32), as torch sums them."""
+        total = tl.zeros(offs.shape, dtype=tl.float32)
+        for k in tl.static_range(TOP_K):
+            row = y_ptr + (token * TOP_K + k) * stride_y + offs
+            part = tl.load(row, mask=mask, other=0.0)
+            for split in tl.static_range(1, SPLIT):
+                part += tl.load(row + split * stride_split, mask=mask, other=0.0)
+            total += part
+        return total
+
+    @triton.jit
+    def _block_end_row(y_ptr, residual_ptr, token, offs, mask, stride_split, stride_y, stride_r,
+                       dtype: tl.constexpr, SPLIT: tl.constexpr, TOP_K: tl.constexpr, END: tl.constexpr):
+        """The experts' sum rounded to dtype; with END plus the residual, rounded again (the model's add)."""
+        out = _split_sum(y_ptr, token, offs, mask, stride_split, stride_y, SPLIT, TOP_K).to(dtype)
+        if END:
+            residual = tl.load(residual_ptr + token * stride_r + offs, mask=mask, other=0.0)
+            out = (residual.to(tl.float32) + out.to(tl.float32)).to(dtype)
+        return out
+
+    @triton.jit
+    def _block_end_kernel(y_ptr, residual_ptr, norm_w_ptr, out_ptr, normed_ptr, dim, eps, stride_split, stride_y,
+                          stride_r, stride_out, stride_normed, SPLIT: tl.constexpr, TOP_K: tl.constexpr,
+                          END: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_PASS: tl.constexpr,
+                          PDL: tl.constexpr):
+        """One token row per program: out = the experts' sum (_split_sum) in out's dtype; with END, out =
+        residual + that and normed = RMSNorm(out) * norm_w (model.rms_norm's rounding). SINGLE_PASS: the
+        row in one block; else BLOCK_D chunks, the sum computed again for the norm's second pass."""
+        pdl_release(PDL)
+        token = tl.program_id(0).to(tl.int64)
+        dtype = out_ptr.dtype.element_ty
+        if SINGLE_PASS:
+            offs = tl.arange(0, BLOCK_D)
+            mask = offs < dim
+            if END:
+                norm_w = tl.load(norm_w_ptr + offs, mask=mask, other=0.0)  # a weight: before the wait
+            pdl_wait(PDL)
+            out = _block_end_row(y_ptr, residual_ptr, token, offs, mask, stride_split, stride_y, stride_r, dtype,
+                                 SPLIT, TOP_K, END)
+            tl.store(out_ptr + token * stride_out + offs, out, mask=mask)
+            if END:
+                normed = normed_row(out, norm_w, rms_rstd(out, dim, eps))
+                tl.store(normed_ptr + token * stride_normed + offs, normed, mask=mask)
+        else:
+            pdl_wait(PDL)
+            sum_sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for d0 in range(0, dim, BLOCK_D):
+                offs = d0 + tl.arange(0, BLOCK_D)
+                mask = offs < dim
+                out = _block_end_row(y_ptr, residual_ptr, token, offs, mask, stride_split, stride_y, stride_r,
+                                     dtype, SPLIT, TOP_K, END)
+                tl.store(out_ptr + token * stride_out + offs, out, mask=mask)
+                sum_sq += out.to(tl.float32) * out.to(tl.float32)
+            if END:
+                rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / dim + eps)
+                for d0 in range(0, dim, BLOCK_D):
+                    offs = d0 + tl.arange(0, BLOCK_D)
+                    mask = offs < dim
+                    out = _block_end_row(y_ptr, residual_ptr, token, offs, mask, stride_split, stride_y, stride_r,
+                                         dtype, SPLIT, TOP_K, END)
+                    norm_w = tl.load(norm_w_ptr + offs, mask=mask, other=0.0)
+                    tl.store(normed_ptr + token * stride_normed + offs, normed_row(out, norm_w, rstd), mask=mask)
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, slot_token_ptr, offsets_ptr, counts_ptr,
                         dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
                         HAS_SCALES: tl.constexpr, IEEE: tl.constexpr, MAGIC: tl.constexpr,
@@ -326,9 +395,12 @@ if triton is not None:
                              dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
                              HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, BLOCK_I: tl.constexpr,
                              BLOCK_D: tl.constexpr, PERSISTENT: tl.constexpr, BR: tl.constexpr = 0,
-                             BC: tl.constexpr = 0, STAGES: tl.constexpr = 1):
+                             BC: tl.constexpr = 0, STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
         """One (token, k) slot per program row. Grid (slots, row blocks); PERSISTENT: a 1-D grid of fewer
-        programs, each looping over (slot, row block) tiles (num_tiles of them)."""
+        programs, each looping over (slot, row block) tiles (num_tiles of them). PDL (kernels.pdl): waits,
+        then releases the down kernel, which reads the expert ids before its own wait."""
+        pdl_wait(PDL)
+        pdl_release(PDL)
         if PERSISTENT:
             i_blocks = tl.cdiv(inter, BLOCK_I)
             for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
@@ -345,16 +417,32 @@ if triton is not None:
     def _down_gemv_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr, slot, o_block, split,
                         dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
                         HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, SPLIT: tl.constexpr,
-                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr):
+                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr,
+                        PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+        """PDL (kernels.pdl): before waiting for gate_up's h, load the first BLOCK_I columns of this tile's
+        weights (and with PREFETCH ask L2 for the rest)."""
         offs_o = o_block * BLOCK_O + tl.arange(0, BLOCK_O)
         mask_o = offs_o < dim
         expert = tl.load(experts_ptr + slot).to(tl.int64)
         split_len = tl.cdiv(tl.cdiv(inter, SPLIT), BLOCK_I) * BLOCK_I
+        split_start = split * split_len
         split_end = tl.where(expert < 0, 0, tl.minimum((split + 1) * split_len, inter))  # no expert: zeros
         expert = tl.maximum(expert, 0)
         w_base = expert * stride_we + offs_o[:, None].to(tl.int64) * stride_wd
         acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        for i0 in tl.range(split * split_len, split_end, BLOCK_I, num_stages=STAGES):
+        if PDL:
+            if PREFETCH:
+                prefetch_l2_rows(w2_ptr + expert * stride_we + offs_o.to(tl.int64) * stride_wd + split_start,
+                                 mask_o & (split_end > split_start),
+                                 (split_end - split_start) * w2_ptr.dtype.element_ty.primitive_bitwidth // 8, 16)
+            offs_i = split_start + tl.arange(0, BLOCK_I)
+            mask_i = offs_i < split_end
+            w_first = tl.load(w2_ptr + w_base + offs_i[None, :], mask=mask_o[:, None] & mask_i[None, :], other=0)
+            pdl_wait(PDL)
+            h = tl.load(h_ptr + tl.cast(slot, tl.int64) * stride_h + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+            acc += tl.sum(dequant(w_first, tl.float32, MAGIC) * h[None, :], axis=1)
+            split_start += BLOCK_I
+        for i0 in tl.range(split_start, split_end, BLOCK_I, num_stages=STAGES):
             offs_i = i0 + tl.arange(0, BLOCK_I)
             mask_i = offs_i < inter
             h = tl.load(h_ptr + tl.cast(slot, tl.int64) * stride_h + offs_i, mask=mask_i, other=0.0).to(tl.float32)
@@ -372,9 +460,12 @@ if triton is not None:
                           dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
                           HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, SPLIT: tl.constexpr,
                           BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, PERSISTENT: tl.constexpr,
-                          STAGES: tl.constexpr = 1):
-        """Grid (slots, output blocks, SPLIT); PERSISTENT: a 1-D grid looping over those tiles."""
+                          STAGES: tl.constexpr = 1, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+        """Grid (slots, output blocks, SPLIT); PERSISTENT: a 1-D grid looping over those tiles. PDL:
+        launched with programmatic dependent launch (kernels.pdl); PREFETCH: see _down_gemv_tile."""
+        pdl_release(PDL)
         if PERSISTENT:
+            pdl_wait(PDL)
             o_blocks = tl.cdiv(dim, BLOCK_O)
             for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
                 _down_gemv_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr,
@@ -385,7 +476,7 @@ if triton is not None:
             _down_gemv_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr,
                             tl.program_id(0), tl.program_id(1), tl.program_id(2),
                             dim, inter, stride_h, stride_we, stride_wd, stride_se, stride_y, stride_split,
-                            HAS_SCALES, MAGIC, SPLIT, BLOCK_O, BLOCK_I, STAGES)
+                            HAS_SCALES, MAGIC, SPLIT, BLOCK_O, BLOCK_I, STAGES, PDL, PREFETCH)
 
     @triton.jit
     def _tile_operands(act_ptr, act_rows, stride_act, w_rows, offs_k, SWAP_AB: tl.constexpr):
@@ -607,6 +698,9 @@ class MoEConfig:
     # programs) 32.3 us against 35.5, W=1 (1792) 61.3 against 60.2; 3 stages (6 per SM) 40.6 at W=2
     # (results/h200_s12_expert_kernels_micro.log).
     gemv_one_wave_programs: int = 1056
+    # With PDL (kernels.pdl) the down programs ask L2 for their whole tile before waiting for gate_up. All of
+    # them are resident at once and their tiles (117 MB for Mixtral's two experts) overflow L2: off.
+    pdl_prefetch_down: bool = False
     # > 0: the matrix-vector kernels run this many programs, each looping over tiles (a persistent grid,
     # e.g. a multiple of the SM count); 0: one program per tile. Slower on an H200 in every variant tried
     # (int8 layer 133-235 us vs 118, benchmarks/results/h200_sweep_decode_persistent_session4.log).
@@ -642,12 +736,15 @@ DEFAULT_CONFIG = MoEConfig()
 
 def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor, expert_indices: Tensor,
               scales: tuple[Tensor, Tensor, Tensor] | None = None, config: MoEConfig | None = None,
-              w13_block: tuple[int, int] | None = None) -> Tensor:
+              w13_block: tuple[int, int] | None = None, end: BlockEnd | None = None
+              ) -> Tensor | tuple[Tensor, Tensor]:
     """The MoE block's experts for x [N, D]: w1, w3 [E, I, D], w2 [E, D, I] (bf16/fp32, or int8 + scales).
 
     A slot whose expert id is < 0 has no expert: it adds nothing and reads no weights. `config` defaults
     to the module's DEFAULT_CONFIG as it is at the call (benchmarks replace it). `w13_block`: w1 and w3
-    are stored in blocks of that many rows x columns (`block_rows`), not row-major."""
+    are stored in blocks of that many rows x columns (`block_rows`), not row-major. `end` (only where
+    `ends_block` says the matrix-vector kernels run): returns (end.residual + the experts' sum, its RMSNorm
+    with end.norm_weight) instead of the sum."""
     config = config or DEFAULT_CONFIG
     num_tokens, top_k = expert_indices.shape
     num_experts, inter, dim = w1.shape
@@ -655,7 +752,9 @@ def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Te
         check_block(w1.shape, w13_block)
         assert w1.is_contiguous() and w3.is_contiguous(), "blocked w1 / w3 must be contiguous"
     if num_tokens * top_k <= config.gemv_max_slots:
-        return _fused_moe_gemv(x, w1, w2, w3, routing_weights, expert_indices, scales, config, w13_block)
+        return _fused_moe_gemv(x, w1, w2, w3, routing_weights, expert_indices, scales, config, w13_block, end)
+    if end is not None:
+        raise ValueError(f"end: only up to {config.gemv_max_slots} slots (ends_block), got {num_tokens * top_k}")
     x = x.contiguous()
     if num_tokens * top_k >= config.grouped_min_slots:
         return _fused_moe_grouped(x, w1, w2, w3, routing_weights, expert_indices.reshape(-1).contiguous(), top_k,
@@ -689,14 +788,40 @@ def fused_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Te
     return y.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
 
 
+class BlockEnd(NamedTuple):
+    """The end of a transformer block, for the one-token kernels to do after the experts (fused_moe's
+    `end`): out = residual + the experts' sum, and the next block's norm of it."""
+
+    residual: Tensor
+    norm_weight: Tensor
+    eps: float
+
+
 def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor,
                     expert_indices: Tensor, scales: tuple[Tensor, Tensor, Tensor] | None, c: MoEConfig,
-                    w13_block: tuple[int, int] | None = None) -> Tensor:
-    num_tokens, top_k = expert_indices.shape
-    num_experts, inter, dim = w1.shape
-    slots = num_tokens * top_k
+                    w13_block: tuple[int, int] | None = None, end: BlockEnd | None = None
+                    ) -> Tensor | tuple[Tensor, Tensor]:
     experts = expert_indices.reshape(-1).contiguous()  # int32 or int64: a cast was one more kernel per layer
+    routing = routing_weights.reshape(-1).contiguous()
     x = x.contiguous()
+    if pdl.compiled_launch(x):
+        s1, s2, s3 = scales if scales is not None else (None, None, None)
+        args = (x, w1, w2, w3, routing, experts, s1, s2, s3, pdl.config_values(c), list(w13_block or ()))
+        if end is None:
+            return torch.ops.gpt_fast_mixtral.moe_decode(*args)
+        return torch.ops.gpt_fast_mixtral.moe_decode_end(*args, end.residual.contiguous(), end.norm_weight, end.eps)
+    return _moe_decode(x, w1, w2, w3, routing, experts, scales, c, w13_block, end)
+
+
+def _moe_decode(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor,
+                scales: tuple[Tensor, Tensor, Tensor] | None, c: MoEConfig, w13_block: tuple[int, int] | None,
+                end: BlockEnd | None) -> Tensor | tuple[Tensor, Tensor]:
+    """The matrix-vector kernels for x [N, D] (contiguous) and its flat slots' routing weights and experts
+    [N * k]; then the experts' sum, by a kernel of ours (with `end` or PDL) or by torch."""
+    num_tokens, dim = x.shape
+    num_experts, inter, _ = w1.shape
+    slots = experts.shape[0]
+    top_k = slots // num_tokens
     h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     has_scales = scales is not None
     s1, s2, s3 = scales if has_scales else (w1, w2, w3)
@@ -707,19 +832,87 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     down_iterations = triton.cdiv(triton.cdiv(inter, split), c.gemv_down_block_i)
     gate_up_stages, down_stages = gemv_stages_for(c, w1.element_size(), slots * i_blocks, block_i, down_iterations)
     gate_up_tiles, down_tiles = slots * i_blocks, slots * o_blocks * split
+    use_pdl = pdl.active(x)
     _gate_up_gemv_kernel[(min(gate_up_tiles, c.gemv_programs),) if persistent else (slots, i_blocks)](
         x, w1, w3, s1, s3, h, experts, top_k, gate_up_tiles,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
         HAS_SCALES=has_scales, MAGIC=c.int8_magic, BLOCK_I=block_i,
         BLOCK_D=_block_cols(c.gemv_block_d, w13_block), PERSISTENT=persistent, **_block_args(w13_block),
-        STAGES=gate_up_stages, num_warps=c.gemv_warps)
+        STAGES=gate_up_stages, PDL=use_pdl, num_warps=c.gemv_warps, **pdl.launch_options(use_pdl))
     y = torch.empty(split, slots, dim, dtype=torch.float32, device=x.device)
     _down_gemv_kernel[(min(down_tiles, c.gemv_programs),) if persistent else (slots, o_blocks, split)](
-        h, w2, s2, y, experts, routing_weights.flatten().contiguous(), down_tiles,
+        h, w2, s2, y, experts, routing, down_tiles,
         dim, inter, h.stride(0), w2.stride(0), w2.stride(1), s2.stride(0) if has_scales else 0, y.stride(1),
         y.stride(0), HAS_SCALES=has_scales, MAGIC=c.int8_magic, SPLIT=split, BLOCK_O=block_o,
-        BLOCK_I=c.gemv_down_block_i, PERSISTENT=persistent, STAGES=down_stages, num_warps=c.gemv_warps)
-    return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+        BLOCK_I=c.gemv_down_block_i, PERSISTENT=persistent, STAGES=down_stages, PDL=use_pdl,
+        PREFETCH=c.pdl_prefetch_down, num_warps=c.gemv_warps, **pdl.launch_options(use_pdl))
+    if not (use_pdl or end is not None):
+        return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+    return block_end(y, top_k, x.dtype, end, use_pdl)
+
+
+def block_end(y: Tensor, top_k: int, dtype: torch.dtype, end: BlockEnd | None = None, use_pdl: bool = False
+              ) -> Tensor | tuple[Tensor, Tensor]:
+    """The experts' sum [N, D] in `dtype` from the down kernel's float32 partials y [split, N * k, D]; with
+    `end`, (end.residual + that sum, RMSNorm of it with end.norm_weight): one kernel, one program a row."""
+    split, slots, dim = y.shape
+    num_tokens = slots // top_k
+    out = torch.empty(num_tokens, dim, dtype=dtype, device=y.device)
+    normed = torch.empty_like(out) if end is not None else out
+    residual, norm_weight, eps = end if end is not None else (out, out, 0.0)  # placeholders, never read
+    if residual.shape != out.shape or residual.stride(-1) != 1:
+        raise ValueError(f"residual [{num_tokens}, {dim}] with contiguous rows expected, got {list(residual.shape)}")
+    single = triton.next_power_of_2(dim) <= BLOCK_END_SINGLE_PASS
+    if num_tokens:
+        _block_end_kernel[(num_tokens,)](
+            y, residual, norm_weight, out, normed, dim, eps, y.stride(0), y.stride(1), residual.stride(0),
+            out.stride(0), normed.stride(0), SPLIT=split, TOP_K=top_k, END=end is not None,
+            BLOCK_D=triton.next_power_of_2(dim) if single else BLOCK_END_SINGLE_PASS // 2, SINGLE_PASS=single,
+            PDL=use_pdl, num_warps=8, **pdl.launch_options(use_pdl))
+    return out if end is None else (out, normed)
+
+
+# Columns up to which _block_end_kernel holds a whole row (8 warps: 32 float32 a thread per operand).
+BLOCK_END_SINGLE_PASS = 8192
+
+
+@torch.library.custom_op("gpt_fast_mixtral::moe_decode", mutates_args=())
+def _moe_decode_op(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor,
+                   s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, config: list[int],
+                   w13_block: list[int]) -> Tensor:
+    scales = (s1, s2, s3) if s1 is not None else None
+    return _moe_decode(x, w1, w2, w3, routing, experts, scales, pdl.config_from_values(MoEConfig, config),
+                       tuple(w13_block) or None, None)
+
+
+@_moe_decode_op.register_fake
+def _(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor, s1: Tensor | None,
+      s2: Tensor | None, s3: Tensor | None, config: list[int], w13_block: list[int]) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("gpt_fast_mixtral::moe_decode_end", mutates_args=())
+def _moe_decode_end_op(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor,
+                       s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, config: list[int],
+                       w13_block: list[int], residual: Tensor, norm_weight: Tensor, eps: float
+                       ) -> tuple[Tensor, Tensor]:
+    scales = (s1, s2, s3) if s1 is not None else None
+    return _moe_decode(x, w1, w2, w3, routing, experts, scales, pdl.config_from_values(MoEConfig, config),
+                       tuple(w13_block) or None, BlockEnd(residual, norm_weight, eps))
+
+
+@_moe_decode_end_op.register_fake
+def _(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor, s1: Tensor | None,
+      s2: Tensor | None, s3: Tensor | None, config: list[int], w13_block: list[int], residual: Tensor,
+      norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def ends_block(x: Tensor, slots: int, config: MoEConfig | None = None) -> bool:
+    """Whether fused_moe takes `end` for x with that many (token, k) slots: the matrix-vector kernels run
+    and launch with PDL (kernels.pdl), whose chain the block's end then continues. Without PDL the
+    compiled step fuses the sum, the residual add and the next norm itself, as fast (session 14)."""
+    return slots <= (config or DEFAULT_CONFIG).gemv_max_slots and pdl.active(x)
 
 
 def gemv_down_tile(config: MoEConfig, weight_bytes: int) -> tuple[int, int]:

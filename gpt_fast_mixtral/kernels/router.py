@@ -19,9 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gpt_fast_mixtral.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
+
+    from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait
 except ImportError:  # CPU-only installs: the model keeps its PyTorch path
     triton = None
 
@@ -74,10 +78,14 @@ if triton is not None:
                                     ids_ptr, dim, num_experts, eps, stride_x, stride_delta, stride_h,
                                     stride_normed, stride_gate,
                                     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                                    BLOCK_E: tl.constexpr, SINGLE_PASS: tl.constexpr):
+                                    BLOCK_E: tl.constexpr, SINGLE_PASS: tl.constexpr, PDL: tl.constexpr = False):
         """One token row per program. SINGLE_PASS (BLOCK_D covers the row): everything from one load of
         the row and the router weights. Otherwise in BLOCK_D chunks: pass 1 writes h and sums its squares,
-        pass 2 writes the normed row and accumulates the router logits of every expert."""
+        pass 2 writes the normed row and accumulates the router logits of every expert. PDL: launched with
+        programmatic dependent launch (kernels.pdl); the single pass loads the weights before its wait."""
+        pdl_release(PDL)
+        if not SINGLE_PASS:
+            pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         offs_e = tl.arange(0, BLOCK_E)
         mask_e = offs_e < num_experts
@@ -89,6 +97,7 @@ if triton is not None:
             gate_w = tl.load(gate_w_ptr + offs_e[:, None] * stride_gate + offs_d[None, :],
                              mask=mask_e[:, None] & mask_d[None, :], other=0.0)
             norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
+            pdl_wait(PDL)
             h = _residual(x_ptr, delta_ptr, row, stride_x, stride_delta, offs_d, mask_d)
             tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask_d)
             rstd = rms_rstd(h, dim, eps)
@@ -148,22 +157,46 @@ if triton is not None:
 def residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
                         top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused kernel: what reference_residual_norm_route returns, for x, delta [N, D] on a GPU."""
+    if pdl.compiled_launch(x):
+        return torch.ops.gpt_fast_mixtral.residual_norm_route(x, delta, norm_weight, eps, gate_weight, top_k)
+    return _residual_norm_route(x, delta, norm_weight, eps, gate_weight, top_k)
+
+
+def _outputs(x: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h, normed, the routing weights (summed and divided in float32, stored rounded to x's dtype like the
+    reference: a separate cast was one more kernel per layer in a decode step) and the expert ids."""
+    num_rows = x.shape[0]
+    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(num_rows, top_k),
+            torch.empty(num_rows, top_k, dtype=torch.int64, device=x.device))
+
+
+def _residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
+                         top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     num_rows, dim = x.shape
     num_experts = gate_weight.shape[0]
-    h = torch.empty_like(x)
-    normed = torch.empty_like(x)
-    # Summed and divided in float32, stored rounded to x's dtype like the reference (a separate cast was
-    # one more kernel per layer in a decode step).
-    weights = torch.empty(num_rows, top_k, dtype=x.dtype, device=x.device)
-    ids = torch.empty(num_rows, top_k, dtype=torch.int64, device=x.device)
+    h, normed, weights, ids = _outputs(x, top_k)
     if num_rows:
         # One pass over the row while the router weights fit in registers (Mixtral: 8 x 4096), else chunks.
         block_e = max(2, triton.next_power_of_2(num_experts))
         single = single_pass(dim, num_experts)
         block_d = triton.next_power_of_2(dim) if single else min(1024, triton.next_power_of_2(dim))
+        use_pdl = pdl.active(x)
         _residual_norm_route_kernel[(num_rows,)](
             x, delta, norm_weight, gate_weight, h, normed, weights, ids, dim, num_experts, eps,
             x.stride(0), delta.stride(0), h.stride(0), normed.stride(0), gate_weight.stride(0),
             TOP_K=top_k, BLOCK_K=max(2, triton.next_power_of_2(top_k)),
-            BLOCK_D=block_d, BLOCK_E=block_e, SINGLE_PASS=single, num_warps=16 if single else 4)
+            BLOCK_D=block_d, BLOCK_E=block_e, SINGLE_PASS=single, PDL=use_pdl, num_warps=16 if single else 4,
+            **pdl.launch_options(use_pdl))
     return h, normed, weights, ids
+
+
+@torch.library.custom_op("gpt_fast_mixtral::residual_norm_route", mutates_args=())
+def _residual_norm_route_op(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
+                            top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _residual_norm_route(x, delta, norm_weight, eps, gate_weight, top_k)
+
+
+@_residual_norm_route_op.register_fake
+def _(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
+      top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _outputs(x, top_k)
