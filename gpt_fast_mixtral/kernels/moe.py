@@ -698,8 +698,9 @@ class MoEConfig:
     # programs) 32.3 us against 35.5, W=1 (1792) 61.3 against 60.2; 3 stages (6 per SM) 40.6 at W=2
     # (results/h200_s12_expert_kernels_micro.log).
     gemv_one_wave_programs: int = 1056
-    # With PDL (kernels.pdl) the down programs ask L2 for their whole tile before waiting for gate_up. All of
-    # them are resident at once and their tiles (117 MB for Mixtral's two experts) overflow L2: off.
+    # True: with PDL (kernels.pdl) the down programs also ask L2 for their whole tile before waiting for
+    # gate_up. All of them are resident at once and their tiles (117 MB for Mixtral's two int8 experts)
+    # overflow L2: H200, int8 batch 1, 231.4 tok/s with it against 253.9 without (session 15).
     pdl_prefetch_down: bool = False
     # > 0: the matrix-vector kernels run this many programs, each looping over tiles (a persistent grid,
     # e.g. a multiple of the SM count); 0: one program per tile. Slower on an H200 in every variant tried
