@@ -194,7 +194,8 @@ def test_decode_kernels_compile() -> None:
         compiled = compile_for_hopper(linear._int8_linear_kernel,
                                       ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
                                       dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048,
-                                           PERSISTENT=persistent, STAGES=stages, DEFER=defer, PDL=pdl_on),
+                                           PERSISTENT=persistent, STAGES=stages, DEFER=defer, PDL=pdl_on,
+                                           PREFETCH=pdl_on),
                                       num_stages=1)
         assert_wide_weight_loads(compiled.asm["ptx"], stages)
         if pdl_on:

@@ -38,7 +38,7 @@ if triton is not None:
     @triton.jit
     def _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DEFER: tl.constexpr,
-                         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = True):
+                         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
         """y[rows of n_block] for one token: CUDA-core FMAs on int8 weights dequantised in registers; STAGES
         as kernels.moe's matrix-vector loops. DEFER: each thread accumulates its own products across the
         loop ([BLOCK_N, BLOCK_K] float32) and the threads' sums meet once, after it; else every iteration
@@ -85,7 +85,7 @@ if triton is not None:
                             MAGIC: tl.constexpr, IEEE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             PERSISTENT: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                            DEFER: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = True):
+                            DEFER: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
         """One token (BLOCK_M 1): a program per BLOCK_N rows, or with PERSISTENT a 1-D grid of fewer programs
         looping over the row blocks. 2..16 tokens: one 16-row tensor-core tile per (rows, tokens) block.
         PDL: launched with programmatic dependent launch (kernels.pdl)."""

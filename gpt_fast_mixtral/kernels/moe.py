@@ -54,7 +54,7 @@ def reference_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights
 if triton is not None:
     # By name: Inductor compiles user kernels from their source and resolves plain global names only.
     from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait, prefetch_l2_rows
-    from gpt_fast_mixtral.kernels.router import normed_row, rms_rstd
+    from gpt_fast_mixtral.kernels.router import normed_row, rms_rstd, rstd_of_squares
 
     _INLINE_PTX = tl.constexpr(INLINE_PTX)
 
@@ -263,7 +263,7 @@ if triton is not None:
                 tl.store(out_ptr + token * stride_out + offs, out, mask=mask)
                 sum_sq += out.to(tl.float32) * out.to(tl.float32)
             if END:
-                rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / dim + eps)
+                rstd = rstd_of_squares(sum_sq, dim, eps)
                 for d0 in range(0, dim, BLOCK_D):
                     offs = d0 + tl.arange(0, BLOCK_D)
                     mask = offs < dim

@@ -64,9 +64,14 @@ if triton is not None:
                 + tl.load(delta_ptr + row * stride_delta + offs_d, mask=mask_d, other=0.0))
 
     @triton.jit
+    def rstd_of_squares(squares, dim, eps):
+        """1 / sqrt(mean + eps) in float32 from a row's squares (whole, or summed over chunks; masked zero)."""
+        return 1.0 / tl.sqrt(tl.sum(squares, axis=0) / dim + eps)
+
+    @triton.jit
     def rms_rstd(h, dim, eps):
         """1 / sqrt(mean(h ** 2) + eps) in float32 of a row held whole (masked columns zero)."""
-        return 1.0 / tl.sqrt(tl.sum(h.to(tl.float32) * h.to(tl.float32), axis=0) / dim + eps)
+        return rstd_of_squares(h.to(tl.float32) * h.to(tl.float32), dim, eps)
 
     @triton.jit
     def normed_row(h, norm_w, rstd):
@@ -112,7 +117,7 @@ if triton is not None:
                 h = _residual(x_ptr, delta_ptr, row, stride_x, stride_delta, offs_d, mask_d)
                 tl.store(h_ptr + row * stride_h + offs_d, h, mask=mask_d)
                 sum_sq += h.to(tl.float32) * h.to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / dim + eps)
+            rstd = rstd_of_squares(sum_sq, dim, eps)
             logits = tl.zeros((BLOCK_E,), dtype=tl.float32)
             for d0 in range(0, dim, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
