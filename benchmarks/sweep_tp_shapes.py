@@ -9,7 +9,8 @@ times batch-1 decode:
 
 - the whole fused MoE (gate_up + down + sums) of int8 experts (w1 / w3 in quantize.INT8_W13_BLOCK blocks,
   as the engine stores them) and of bf16 experts, for several MoEConfig variants;
-- the int8 linear kernel at wqkv's and wo's shard, for several tiles (and the tiles `auto` would pick).
+- the linear kernel at wqkv's and wo's shard (and the output head on one GPU), int8 and bf16 weights, for
+  several tiles; bf16 also against cuBLAS.
 
 Weights rotate over several layers' copies inside one CUDA graph, so that they come from device memory
 as in a real step, not from L2. Prints microseconds per call and the bandwidth of the bytes read.
@@ -29,10 +30,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import torch  # noqa: E402
 from graph_timing import graph_replay_us  # noqa: E402
 
-from gpt_fast_mixtral.kernels import linear, moe  # noqa: E402
+from gpt_fast_mixtral.kernels import linear, moe, pdl  # noqa: E402
 from gpt_fast_mixtral.quantize import INT8_W13_BLOCK  # noqa: E402
 
-E, TOP_K, D, INTER, Q, KV = 8, 2, 4096, 14336, 4096, 1024
+E, TOP_K, D, INTER, Q, KV, VOCAB = 8, 2, 4096, 14336, 4096, 1024, 32000
 MOE_VARIANTS = {
     "default": {},
     "gu_i4": dict(gemv_blocked_block_i=4, gemv_block_i=4),
@@ -73,6 +74,10 @@ LINEAR_TILES = [None, (2, 2048, 4, 1), (4, 1024, 4, 1), (8, 512, 4, 1), (4, 512,
                 (1, 2048, 4, 1), (1, 4096, 4, 1), (2, 4096, 4, 1), (2, 4096, 8, 1), (4, 4096, 8, 1),
                 (2, 2048, 4, 2), (2, 1024, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (8, 256, 4, 4), (4, 1024, 4, 2),
                 (16, 256, 4, 4)]
+# the same for bf16 weights (linear.linear; None: linear.HALF_CONFIG)
+HALF_LINEAR_TILES = [None, (1, 1024, 4, 1), (2, 1024, 4, 1), (1, 2048, 4, 1), (2, 2048, 4, 1), (4, 512, 4, 1),
+                     (4, 256, 4, 3), (8, 256, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3),
+                     (8, 256, 4, 4), (2, 1024, 4, 2), (4, 1024, 4, 2), (8, 256, 8, 3)]
 
 
 VARIANT_PATTERN = re.compile("")
@@ -132,33 +137,64 @@ def sweep_moe(world_size: int, precision: str, layers: int, rows: list[dict]) ->
               f"err {error:.1e}", flush=True)
 
 
-def sweep_linear(world_size: int, copies: int, rows: list[dict]) -> None:
+def sweep_linear(world_size: int, copies: int, precision: str, rows: list[dict]) -> None:
+    """int8 weights: the kernel's tiles. bf16: the kernel's tiles (with PDL, where the GPU has it, as in the
+    decode step; the default tile also without), against cuBLAS (F.linear, the path it replaces)."""
     generator = torch.Generator(device="cuda").manual_seed(100 + world_size)
     x = torch.randn(1, D, device="cuda", generator=generator, dtype=torch.bfloat16)
-    for name, (n, k) in {"wqkv": ((Q + 2 * KV) // world_size, D), "wo": (D, Q // world_size)}.items():
-        weights = [int8(generator, n, k) for _ in range(copies)]
-        scales = torch.rand(n, device="cuda", generator=generator).bfloat16() * 1e-3
+    tiles = LINEAR_TILES if precision == "int8" else HALF_LINEAR_TILES
+    for name, (n, k) in {"wqkv": ((Q + 2 * KV) // world_size, D), "wo": (D, Q // world_size),
+                         "head": (VOCAB, D)}.items():
+        if name == "head" and world_size > 1:
+            continue  # the output head is not sharded
+        layer_copies = max(2, min(copies, -(-400_000_000 // (n * k))))  # several times the 50 MB L2
         xk = x[:, :k].contiguous()
-        reference = linear.reference_int8_linear(xk, weights[0], scales)
-        for tile in LINEAR_TILES:
+        if precision == "int8":
+            weights = [int8(generator, n, k) for _ in range(layer_copies)]
+            scales = torch.rand(n, device="cuda", generator=generator).bfloat16() * 1e-3
+            reference = linear.reference_int8_linear(xk, weights[0], scales)
+        else:
+            weights = [torch.randn(n, k, device="cuda", generator=generator, dtype=torch.bfloat16) * 0.02
+                       for _ in range(layer_copies)]
+            scales = None
+            reference = xk.float() @ weights[0].float().T
+        calls = {}
+        for tile in tiles:
             if tile is None:
-                config, variant = linear.DEFAULT_CONFIG, "default"
+                config = linear.DEFAULT_CONFIG if precision == "int8" else linear.HALF_CONFIG
+                variant = "default"
             else:
                 block_n, block_k, warps, stages = tile
                 config = linear.LinearConfig(gemv_block_n=block_n, gemv_block_k=block_k, gemv_warps=warps,
                                              gemv_stages=stages)
                 variant = f"n{block_n}_k{block_k}_w{warps}_st{stages}"
+            if precision == "int8":
+                calls[variant] = lambda w, c=config, x=xk, s=scales: linear.int8_linear(x, w, s, c)
+            else:
+                calls[variant] = lambda w, c=config, x=xk: linear.linear(x, w, c)
+        if precision == "bf16":
+            calls["cublas"] = lambda w, x=xk: torch.nn.functional.linear(x, w)
+            calls["default_nopdl"] = calls["default"]
+        for variant, call in calls.items():
             if not selected(variant):
                 continue
-            got = linear.int8_linear(xk, weights[0], scales, config).float()
-            error = ((got - reference).norm() / reference.norm()).item()
-            us = graph_replay_us(lambda c=config, x=xk, s=scales, ws=weights: [linear.int8_linear(x, w, s, c)
-                                                                                for w in ws]) / copies
-            rows.append(dict(part=name, world_size=world_size, precision="int8", variant=variant, us=us,
-                             tb_s=n * k / us / 1e6, rel_error=error))
-            print(f"{name:6} W={world_size} int8 {variant:16} {us:7.2f} us {n * k / us / 1e6:5.2f} TB/s  "
+            enabled = pdl.ENABLED
+            pdl.ENABLED = enabled and not variant.endswith("_nopdl")
+            try:
+                got = call(weights[0]).float()
+                error = ((got - reference).norm() / reference.norm()).item()
+                us = graph_replay_us(lambda call=call, ws=weights: [call(w) for w in ws]) / layer_copies
+            except Exception as failure:  # a tile the compiler rejects
+                print(f"{name} W={world_size} {precision} {variant}: failed {type(failure).__name__}: {failure}"[:200])
+                continue
+            finally:
+                pdl.ENABLED = enabled
+            read = n * k * weights[0].element_size()
+            rows.append(dict(part=name, world_size=world_size, precision=precision, variant=variant, us=us,
+                             tb_s=read / us / 1e6, rel_error=error))
+            print(f"{name:6} W={world_size} {precision} {variant:16} {us:7.2f} us {read / us / 1e6:5.2f} TB/s  "
                   f"err {error:.1e}", flush=True)
-        del weights
+        weights.clear()
 
 
 def main() -> None:
@@ -179,8 +215,9 @@ def main() -> None:
                 sweep_moe(world_size, precision, options.layers, rows)
                 torch.cuda.empty_cache()
         if "linear" in options.parts:
-            sweep_linear(world_size, 32, rows)
-            torch.cuda.empty_cache()
+            for precision in options.precisions:
+                sweep_linear(world_size, 32, precision, rows)
+                torch.cuda.empty_cache()
     best = {}
     for row in rows:
         key = (row["part"], row["world_size"], row["precision"])

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from gpt_fast_mixtral.config import ModelArgs
 from gpt_fast_mixtral.kernels import attention as attention_kernels
+from gpt_fast_mixtral.kernels import linear as linear_kernels
 from gpt_fast_mixtral.kernels import moe as fused_moe_kernels
 from gpt_fast_mixtral.kernels import router as router_kernels
 
@@ -84,6 +85,21 @@ class RMSNorm(nn.Module):
         return fused_rms_norm(x, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose one-token products on a GPU (x of one row, weight of x's dtype) run
+    kernels/linear.py's matrix-vector kernel, which launches with PDL in the decode step's chain of
+    kernels; every other call is F.linear (cuBLAS). The state dict is nn.Linear's."""
+
+    # False: F.linear always (scripts/benchmark.py --no-decode-linear compares)
+    decode_kernel = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.decode_kernel and self.bias is None and x.numel() == x.shape[-1] and self.weight.dtype == x.dtype
+                and linear_kernels.available(x) and self.weight.is_contiguous()):
+            return linear_kernels.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
 def rope_tables(args: ModelArgs, max_seq_len: int, device: torch.device | None = None) -> Tensor:
     """cos and sin of every position, [max_seq_len, head_dim // 2, 2], float32."""
     exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float32, device=device) / args.head_dim
@@ -113,8 +129,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.sliding_window = args.sliding_window
-        self.wqkv = nn.Linear(args.dim, args.qkv_out_features, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, args.qkv_out_features, bias=False)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
@@ -394,7 +410,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         self.max_batch_size = 0
         self.max_seq_len = 0
         self.register_buffer("rope", None, persistent=False)

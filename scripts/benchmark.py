@@ -44,7 +44,7 @@ from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa:
 from gpt_fast_mixtral.kernels import linear as linear_kernels  # noqa: E402
 from gpt_fast_mixtral.kernels import moe as moe_kernels  # noqa: E402
 from gpt_fast_mixtral.kernels import pdl  # noqa: E402
-from gpt_fast_mixtral.model import Attention, FusedOnGpu, TransformerBlock  # noqa: E402
+from gpt_fast_mixtral.model import Attention, FusedOnGpu, Linear, TransformerBlock  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_int8  # noqa: E402
 from gpt_fast_mixtral.tp import (  # noqa: E402
     ALL_REDUCES,
@@ -272,6 +272,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         Attention.fused_rope_cache = options.fused_rope_cache
     if options.pdl is not None:
         pdl.ENABLED = options.pdl
+    if options.decode_linear is not None:
+        Linear.decode_kernel = options.decode_linear
     if options.fused_all_reduce is not None:
         TensorParallelBlock.fused_all_reduce = options.fused_all_reduce
     moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG, **options.moe_settings)
@@ -331,6 +333,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "compiled_prefill_ops": FusedOnGpu.enabled,
         "fused_rope_cache": Attention.fused_rope_cache,
         "pdl": pdl.ENABLED,
+        "decode_linear": Linear.decode_kernel,
         "compile": compile_step,
         "parallel": options.parallel or "none",
         "world_size": world_size,
@@ -471,6 +474,10 @@ def parse_args() -> argparse.Namespace:
                         help="one-token decode kernels launched with programmatic dependent launch on sm_90+, "
                              "the MoE block ending in a kernel of ours (default: "
                              "gpt_fast_mixtral.kernels.pdl.ENABLED, on)")
+    parser.add_argument("--decode-linear", action=argparse.BooleanOptionalAction, default=None,
+                        help="one-token products of 16-bit linear weights (bf16's wqkv, wo, output) in "
+                             "kernels/linear.py's kernel, launched with PDL, instead of cuBLAS (default: "
+                             "model.Linear.decode_kernel, on)")
     parser.add_argument("--fused-rope-cache", action=argparse.BooleanOptionalAction, default=None,
                         help="rotary embedding, KV-cache write and attention of a decode step in one kernel "
                              "(default: model.Attention.fused_rope_cache, on)")

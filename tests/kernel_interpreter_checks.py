@@ -162,6 +162,19 @@ def check_int8_linear() -> None:
         print(f"int8 linear ({rows}, {n}, {k}, programs {config.gemv_programs}, stages {config.gemv_stages}, "
               f"deferred {config.gemv_pipelined_defer}): {error:.1e}")
         assert error < TOLERANCE
+    # float weights, one token: 16-bit ones with HALF_CONFIG's tiles (bf16 loads and casts are exact in the
+    # interpreter; the products are float32), float32 with DEFAULT_CONFIG's; a pipelined plan and a K
+    # narrower than the tile
+    for dtype, n, k, config in [(torch.bfloat16, 40, 3000, None), (torch.float32, 40, 100, None),
+                                (torch.float16, 24, 1000, linear.LinearConfig(gemv_block_k=256, gemv_stages=3))]:
+        generator = torch.Generator().manual_seed(n + k)
+        weight = torch.randn(n, k, generator=generator).to(dtype)
+        x = torch.randn(1, 1, k, generator=generator).to(dtype)
+        got = linear.linear(x, weight, config)
+        assert got.shape == (1, 1, n) and got.dtype == dtype
+        error = relative_error(got, x.float() @ weight.float().T)
+        print(f"{dtype} linear (1, {n}, {k}): {error:.1e}")
+        assert error < (TOLERANCE if dtype == torch.float32 else 1e-2)
     weight, scales = quantize_per_channel(torch.randn(37, 1500))
     assert torch.equal(linear.dequantize(weight, scales, torch.float32), weight.float() * scales.float()[:, None])
     print("dequantize: equal")
@@ -232,7 +245,7 @@ def check_model_decode_step(rows: int = 2, experts: bool = False) -> None:
     for parameter in model.parameters():
         torch.nn.init.normal_(parameter, std=0.2)
     tokens = torch.randint(0, 300, (rows, 9))
-    modules = (attention, router, moe) if experts else (attention, router)
+    modules = (attention, router, linear, moe) if experts else (attention, router, linear)
     available = {module: module.available for module in modules}
     logits = {}
     try:

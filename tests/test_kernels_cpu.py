@@ -191,7 +191,7 @@ def test_decode_kernels_compile() -> None:
     for persistent, stages, defer, pdl_on in ((False, 1, False, False), (True, 1, False, False),
                                               (False, 3, False, False), (False, 3, True, False),
                                               (False, 3, True, True), (False, 1, False, True), (True, 1, False, True)):
-        compiled = compile_for_hopper(linear._int8_linear_kernel,
+        compiled = compile_for_hopper(linear._linear_kernel,
                                       ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
                                       dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048,
                                            PERSISTENT=persistent, STAGES=stages, DEFER=defer, PDL=pdl_on,
@@ -200,10 +200,20 @@ def test_decode_kernels_compile() -> None:
         assert_wide_weight_loads(compiled.asm["ptx"], stages)
         if pdl_on:
             assert_pdl(compiled.asm["ptx"], prefetch=not persistent)
-    compile_for_hopper(linear._int8_linear_kernel,
+    compile_for_hopper(linear._linear_kernel,
                        ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
                        dict(MAGIC=True, IEEE=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PERSISTENT=False, STAGES=1,
                             DEFER=False))
+    # bf16 weights and no scales (linear.linear): HALF_CONFIG's tiles, unpipelined and pipelined, with PDL
+    for block_n, block_k, stages in ((2, 2048, 1), (4, 1024, 2)):
+        compiled = compile_for_hopper(linear._linear_kernel,
+                                      ["*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
+                                      dict(s_ptr=None, MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=block_n,
+                                           BLOCK_K=block_k, PERSISTENT=False, STAGES=stages, DEFER=stages > 1,
+                                           PDL=True, SCALED=False),
+                                      num_stages=1)
+        assert_wide_weight_loads(compiled.asm["ptx"], stages)
+        assert_pdl(compiled.asm["ptx"])
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])

@@ -1,10 +1,13 @@
-"""Int8 weight-only linear layers for decode: y = (x @ w.T) * scales, w int8 [N, K], scales [N].
+"""Linear layers for decode: y = (x @ w.T) * scales for int8 w [N, K] and scales [N], y = x @ w.T for
+16-bit (or float32) w.
 
 A decode step reads every attention and output-head weight once for a handful of tokens, so these
 layers are matrix-vector products bound by memory bandwidth. The kernel streams each weight row once,
-dequantises in registers (the conversion trick in kernels.moe.dequant) and applies the per-row scale to
-the float32 sum. One token uses CUDA-core FMAs; 2 to 16 tokens use one 16-row tensor-core tile.
-`reference_int8_linear` is the plain PyTorch definition the kernel is tested against.
+dequantises int8 in registers (the conversion trick in kernels.moe.dequant) and applies the per-row
+scale to the float32 sum. One token uses CUDA-core FMAs; 2 to 16 int8 tokens use one 16-row tensor-core
+tile. 16-bit weights take the kernel for one token only (`linear`): cuBLAS is as fast there, but a
+cuBLAS kernel cannot launch with PDL (kernels.pdl) and so breaks the decode step's chain twice a layer.
+`reference_int8_linear` is the plain PyTorch definition the int8 kernel is tested against.
 """
 
 from __future__ import annotations
@@ -36,18 +39,27 @@ def reference_int8_linear(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor:
 if triton is not None:
 
     @triton.jit
-    def _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DEFER: tl.constexpr,
-                         PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
-        """y[rows of n_block] for one token: CUDA-core FMAs on int8 weights dequantised in registers; STAGES
-        as kernels.moe's matrix-vector loops. DEFER: each thread accumulates its own products across the
-        loop ([BLOCK_N, BLOCK_K] float32) and the threads' sums meet once, after it; else every iteration
-        sums its tile across threads. PDL (kernels.pdl): before waiting for the kernel that writes x, load
-        the weight tile's first BLOCK_K columns (and with PREFETCH ask L2 for the whole tile)."""
+    def _weights(w, dtype: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr):
+        """A loaded weight tile in `dtype`: int8 dequantised (SCALED, the scales applied later), else cast."""
+        if SCALED:
+            return dequant(w, dtype, MAGIC)
+        return w.to(dtype)
+
+    @triton.jit
+    def _gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DEFER: tl.constexpr,
+                    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, SCALED: tl.constexpr = True):
+        """y[rows of n_block] for one token: CUDA-core FMAs on weights converted in registers (SCALED: int8
+        times s_ptr's per-row scales; else 16-bit or float32, s_ptr unused); STAGES as kernels.moe's
+        matrix-vector loops. DEFER: each thread accumulates its own products across the loop ([BLOCK_N,
+        BLOCK_K] float32) and the threads' sums meet once, after it; else every iteration sums its tile
+        across threads. PDL (kernels.pdl): before waiting for the kernel that writes x, load the weight
+        tile's first BLOCK_K columns (and with PREFETCH ask L2 for the whole tile)."""
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-        scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # in flight during the loop
+        if SCALED:
+            scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # in flight during the loop
         if DEFER:
             products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         else:
@@ -62,49 +74,54 @@ if triton is not None:
             pdl_wait(PDL)
             x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             if DEFER:
-                products += dequant(w_first, tl.float32, MAGIC) * x[None, :]
+                products += _weights(w_first, tl.float32, MAGIC, SCALED) * x[None, :]
             else:
-                acc += tl.sum(dequant(w_first, tl.float32, MAGIC) * x[None, :], axis=1)
+                acc += tl.sum(_weights(w_first, tl.float32, MAGIC, SCALED) * x[None, :], axis=1)
             start = BLOCK_K
         for k0 in tl.range(start, K, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            w = dequant(tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0),
-                        tl.float32, MAGIC)
+            w = _weights(tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0),
+                         tl.float32, MAGIC, SCALED)
             if DEFER:
                 products += w * x[None, :]
             else:
                 acc += tl.sum(w * x[None, :], axis=1)
         if DEFER:
             acc = tl.sum(products, axis=1)
-        tl.store(y_ptr + offs_n, (acc * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
+        if SCALED:
+            acc = acc * scales
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
-    def _int8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                            MAGIC: tl.constexpr, IEEE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            PERSISTENT: tl.constexpr = False, STAGES: tl.constexpr = 1,
-                            DEFER: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+    def _linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                       MAGIC: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PERSISTENT: tl.constexpr = False, STAGES: tl.constexpr = 1,
+                       DEFER: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                       SCALED: tl.constexpr = True):
         """One token (BLOCK_M 1): a program per BLOCK_N rows, or with PERSISTENT a 1-D grid of fewer programs
         looping over the row blocks. 2..16 tokens: one 16-row tensor-core tile per (rows, tokens) block.
-        PDL: launched with programmatic dependent launch (kernels.pdl)."""
+        PDL: launched with programmatic dependent launch (kernels.pdl). SCALED: int8 weights with per-row
+        scales; else weights of a float dtype and no scales."""
         pdl_release(PDL)
         if BLOCK_M != 1 or PERSISTENT:
             pdl_wait(PDL)
         if BLOCK_M == 1:
             if PERSISTENT:
                 for n_block in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
-                    _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC, BLOCK_N, BLOCK_K,
-                                     STAGES, DEFER)
+                    _gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC, BLOCK_N, BLOCK_K,
+                                STAGES, DEFER, SCALED=SCALED)
             else:
-                _int8_gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), N, K, stride_wn, MAGIC, BLOCK_N,
-                                 BLOCK_K, STAGES, DEFER, PDL, PREFETCH)
+                _gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), N, K, stride_wn, MAGIC, BLOCK_N,
+                            BLOCK_K, STAGES, DEFER, PDL, PREFETCH, SCALED)
         else:
             offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-            scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            if SCALED:
+                scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
             acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -113,13 +130,14 @@ if triton is not None:
                 mask_k = offs_k < K
                 x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                w = dequant(tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0),
-                            x.dtype, MAGIC)
+                w = _weights(tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0),
+                             x.dtype, MAGIC, SCALED)
                 if IEEE:
                     acc2 += tl.dot(x, tl.trans(w), input_precision="ieee")
                 else:
                     acc2 += tl.dot(x, tl.trans(w))
-            acc2 *= scales[None, :]
+            if SCALED:
+                acc2 *= scales[None, :]
             tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
                      acc2.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -151,7 +169,7 @@ class LinearConfig:
     gemv_pipelined_block_k: int = 512
     gemv_pipelined_stages: int = 3
     gemv_pipeline_min_programs: int = 256
-    # Pipelined tiles sum their products across threads once, after the loop (_int8_gemv_block's DEFER).
+    # Pipelined tiles sum their products across threads once, after the loop (_gemv_block's DEFER).
     # H200, 8 x 512 tiles 3 stages deep (session 13, results/h200_s13_linear_variants.log): wqkv 9.45
     # against 9.98 us, wo 7.65 / 8.08, over 2 ranks 6.56 / 6.94 and 5.04 / 5.39. Unpipelined tiles keep the
     # per-iteration sum: 2 x 2048 wqkv 11.57 with deferral against 10.86.
@@ -177,6 +195,15 @@ class LinearConfig:
 
 
 DEFAULT_CONFIG = LinearConfig()
+# 16-bit weights (`linear`): 4 x 1024 tiles two stages deep for weights of 4096 rows or more, else 2 x 2048
+# unpipelined. H200, bf16, weights not in L2, launched with PDL back to back (benchmarks/sweep_tp_shapes.py
+# --parts linear --precisions bf16, session 16, results/h200_s16_sweep_linear_bf16*.log), us:
+#                    wqkv W=1   wo W=1   head   wqkv W=2 / 4 / 8    wo W=2 / 4 / 8
+#   4 x 1024, 2 st     12.8      8.3     61.2     7.5 / 5.2 / 4.0    4.3 / 3.1 / 2.3
+#   2 x 2048           13.4      9.8     60.5     7.0 / 4.4 / 3.3    5.6 / 3.1 / 2.2
+#   cuBLAS             16.7     12.6     64.2    11.0 / 7.7 / 6.7    7.2 / 5.3 / 4.2
+HALF_CONFIG = LinearConfig(gemv_block_n=2, gemv_block_k=2048, gemv_pipelined_block_n=4, gemv_pipelined_block_k=1024,
+                           gemv_pipelined_stages=2, gemv_pipeline_min_programs=1024)
 
 
 def gemv_tile(k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[int, int]:
@@ -200,11 +227,22 @@ def gemv_plan(n: int, k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[in
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig = DEFAULT_CONFIG) -> Tensor:
     """(x @ weight.T) * scales in x's dtype for x [..., K] with at most config.max_tokens rows."""
     if pdl.compiled_launch(x):
-        return torch.ops.gpt_fast_mixtral.int8_linear(x, weight, scales, pdl.config_values(config))
-    return _int8_linear(x, weight, scales, config)
+        return torch.ops.gpt_fast_mixtral.linear(x, weight, scales, pdl.config_values(config))
+    return _linear(x, weight, scales, config)
 
 
-def _int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig) -> Tensor:
+def linear(x: Tensor, weight: Tensor, config: LinearConfig | None = None) -> Tensor:
+    """x @ weight.T in x's dtype for one token (x [..., K] of K elements) and a weight [N, K] of x's dtype,
+    contiguous; config: HALF_CONFIG for 16-bit weights, DEFAULT_CONFIG's tiles for float32."""
+    assert x.numel() == x.shape[-1], "the float-weight kernel runs one token; more take cuBLAS"
+    if config is None:
+        config = HALF_CONFIG if weight.element_size() == 2 else DEFAULT_CONFIG
+    if pdl.compiled_launch(x):
+        return torch.ops.gpt_fast_mixtral.linear(x, weight, None, pdl.config_values(config))
+    return _linear(x, weight, None, config)
+
+
+def _linear(x: Tensor, weight: Tensor, scales: Tensor | None, config: LinearConfig) -> Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -226,21 +264,21 @@ def _int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig
     if persistent:
         grid = (min(grid[0], c.gemv_programs), 1)
     use_pdl = pdl.active(x)
-    _int8_linear_kernel[grid](x2, weight, scales, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
-                              MAGIC=c.int8_magic, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k, PERSISTENT=persistent, STAGES=loop_stages,
-                              DEFER=defer, PDL=use_pdl, PREFETCH=c.pdl_prefetch, num_warps=warps, num_stages=stages,
-                              **pdl.launch_options(use_pdl))
+    _linear_kernel[grid](x2, weight, scales, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+                         MAGIC=c.int8_magic, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+                         BLOCK_K=block_k, PERSISTENT=persistent, STAGES=loop_stages, DEFER=defer, PDL=use_pdl,
+                         PREFETCH=c.pdl_prefetch, SCALED=scales is not None, num_warps=warps, num_stages=stages,
+                         **pdl.launch_options(use_pdl))
     return y.view(*shape[:-1], n)
 
 
-@torch.library.custom_op("gpt_fast_mixtral::int8_linear", mutates_args=())
-def _int8_linear_op(x: Tensor, weight: Tensor, scales: Tensor, config: list[int]) -> Tensor:
-    return _int8_linear(x, weight, scales, pdl.config_from_values(LinearConfig, config))
+@torch.library.custom_op("gpt_fast_mixtral::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, scales: Tensor | None, config: list[int]) -> Tensor:
+    return _linear(x, weight, scales, pdl.config_from_values(LinearConfig, config))
 
 
-@_int8_linear_op.register_fake
-def _(x: Tensor, weight: Tensor, scales: Tensor, config: list[int]) -> Tensor:
+@_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, scales: Tensor | None, config: list[int]) -> Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
