@@ -430,16 +430,18 @@ def test_decode_all_reduces_give_every_gpu_the_rank_order_sum(tmp_path: Path, me
 
 
 def first_differing_all_reduce(ranks: list[dict], key: str) -> str:
-    """Which all-reduce of the probes (tp_ranks.traced_all_reduces) first gave the two ranks different
-    outputs, if any."""
+    """Which traced step of the probes (tp_ranks.traced_all_reduces: the all-reduces, the blocks' outputs,
+    the output head's input and output, in order) first gave the two ranks different outputs, if any."""
     traces = [rank[f"{key}/all_reduces"] for rank in ranks]
     if len(traces[0]) != len(traces[1]):
-        return f"the ranks made {len(traces[0])} and {len(traces[1])} all-reduces"
-    for index, (a, b) in enumerate(zip(*traces, strict=True)):
+        return f"the ranks traced {len(traces[0])} and {len(traces[1])} steps"
+    for (label, a), (_, b) in zip(*traces, strict=True):
         if not torch.equal(a, b):
             differing = (a != b).sum().item()
-            return f"all-reduce {index} of {len(traces[0])} ({a.numel()} elements) differs in {differing}"
-    return f"all {len(traces[0])} all-reduces agree: a replicated computation differs"
+            largest = (a.float() - b.float()).abs().max().item()
+            return (f"{label} of {len(traces[0])} traced steps ({a.numel()} elements) differs first, in {differing} "
+                    f"elements, by up to {largest:.3g}")
+    return f"all {len(traces[0])} traced steps agree: the difference arose after the output head"
 
 
 def test_an_unknown_all_reduce_is_refused_before_joining() -> None:

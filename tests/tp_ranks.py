@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import sys
 from functools import partial
@@ -118,7 +119,7 @@ def run_devices(checkpoint_dir: Path, rank: int, world_size: int) -> dict[str, A
                 model = load_model(checkpoint_dir / name, device=device, dtype=dtype,
                                    transform=partial(apply_tensor_parallel, rank=rank, world_size=world_size,
                                                      mode=mode, device=device))
-                with traced_all_reduces() as trace:
+                with traced_all_reduces(model) as trace:
                     results[f"{name}/{mode}/{dtype}/logits"] = probe_logits(model)
                 results[f"{name}/{mode}/{dtype}/all_reduces"] = trace
             # Compiling takes a while per model: the int8 ones decode eagerly (with the fused kernels still).
@@ -240,27 +241,41 @@ def fused_all_reduce_errors(dtype: torch.dtype, parts, rank: int) -> list[tuple]
 
 
 @contextlib.contextmanager
-def traced_all_reduces():
-    """Collects the output of every tp.all_reduce (one-shot or NCCL; eager calls only) made inside, moved to
-    the CPU on the way out: when ranks disagree, the test can tell an all-reduce that gave the ranks
-    different sums from a replicated computation that is not deterministic. Copies stay on the device
-    until then: a copy to the CPU after each all-reduce would synchronise, and hide a missing stream wait."""
+def traced_all_reduces(model: Transformer | None = None):
+    """Collects (label, output) of every tp.all_reduce (one-shot or NCCL; eager calls only) made inside and,
+    given the model, of every block and of the norm before the output head, in the order they ran; moved
+    to the CPU on the way out. When ranks disagree, the test can tell an all-reduce that gave the ranks
+    different sums from a replicated computation that is not deterministic, and which one. Copies stay on
+    the device until then: a copy to the CPU after each step would synchronise, and hide a missing stream
+    wait."""
     from gpt_fast_mixtral import tp
 
-    trace: list[torch.Tensor] = []
+    trace: list[tuple[str, torch.Tensor]] = []
     original = tp.all_reduce
+    reduces = itertools.count()
 
     def traced(x: torch.Tensor, group, buffer_index: int) -> torch.Tensor:
         out = original(x, group, buffer_index)
-        trace.append(out.clone())
+        trace.append((f"all-reduce {next(reduces)}", out.clone()))
         return out
 
+    hooks = []
+    if model is not None:
+        for index, layer in enumerate(model.layers):
+            hooks.append(layer.register_forward_hook(
+                lambda module, args, out, index=index: trace.append((f"block {index}'s output", out[0].clone()))))
+        hooks.append(model.output.register_forward_pre_hook(
+            lambda module, args: trace.append(("the output head's input", args[0].clone()))))
+        hooks.append(model.output.register_forward_hook(
+            lambda module, args, out: trace.append(("the output head's output", out.clone()))))
     tp.all_reduce = traced
     try:
         yield trace
     finally:
         tp.all_reduce = original
-        trace[:] = [out.cpu() for out in trace]
+        for hook in hooks:
+            hook.remove()
+        trace[:] = [(label, out.cpu()) for label, out in trace]
 
 
 def rank_device() -> torch.device:
