@@ -74,6 +74,13 @@ LINEAR_TILES = [None, (2, 2048, 4, 1), (4, 1024, 4, 1), (8, 512, 4, 1), (4, 512,
                 (1, 2048, 4, 1), (1, 4096, 4, 1), (2, 4096, 4, 1), (2, 4096, 8, 1), (4, 4096, 8, 1),
                 (2, 2048, 4, 2), (2, 1024, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (8, 256, 4, 4), (4, 1024, 4, 2),
                 (16, 256, 4, 4)]
+# whole LinearConfig plans (tile and stages chosen per shape by linear.gemv_plan), as changes to the default
+LINEAR_PLANS = {
+    "plan_k4096_pipe6144": dict(gemv_block_k=4096, gemv_pipeline_min_programs=768),
+    "plan_pipe6144": dict(gemv_pipeline_min_programs=768),
+    "plan_unpipelined": dict(gemv_pipeline_min_programs=1 << 30),
+    "plan_k4096_unpipelined": dict(gemv_block_k=4096, gemv_pipeline_min_programs=1 << 30),
+}
 # the same for bf16 weights (linear.linear; None: linear.HALF_CONFIG)
 HALF_LINEAR_TILES = [None, (1, 1024, 4, 1), (2, 1024, 4, 1), (1, 2048, 4, 1), (2, 2048, 4, 1), (4, 512, 4, 1),
                      (4, 256, 4, 3), (8, 256, 4, 3), (4, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3),
@@ -172,6 +179,10 @@ def sweep_linear(world_size: int, copies: int, precision: str, rows: list[dict])
                 calls[variant] = lambda w, c=config, x=xk, s=scales: linear.int8_linear(x, w, s, c)
             else:
                 calls[variant] = lambda w, c=config, x=xk: linear.linear(x, w, c)
+        if precision == "int8":
+            for variant, change in LINEAR_PLANS.items():
+                config = dataclasses.replace(linear.DEFAULT_CONFIG, **change)
+                calls[variant] = lambda w, c=config, x=xk, s=scales: linear.int8_linear(x, w, s, c)
         if precision == "bf16":
             calls["cublas"] = lambda w, x=xk: torch.nn.functional.linear(x, w)
             calls["default_nopdl"] = calls["default"]
