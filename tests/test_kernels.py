@@ -13,7 +13,7 @@ from gpt_fast_mixtral.kernels.attention import (
     reference_rope_and_cache_write,
     rope_cache_attention,
 )
-from gpt_fast_mixtral.kernels.linear import LinearConfig, int8_linear, reference_int8_linear
+from gpt_fast_mixtral.kernels.linear import LinearConfig, int8_linear, linear, reference_int8_linear
 from gpt_fast_mixtral.kernels.moe import (
     MoEConfig,
     block_rows,
@@ -226,6 +226,36 @@ def test_int8_linear_layer_uses_the_kernel_for_decode_and_cublas_for_prefill():
         x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.bfloat16)[:1]
         expected = reference_int8_linear(x, layer.weight, layer.scales)
         assert relative_error(layer(x), expected) < 1e-2
+
+
+# Float weights, one token (kernels.linear.linear): HALF_CONFIG's pipelined 4 x 1024 tiles (4096 rows and
+# more), its 2 x 2048 ones (wqkv over 2 ranks), a K narrower than the tile (wo over 8 ranks), odd sizes
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (32000, 4096), (3072, 4096), (4096, 512), (50, 3000),
+                                 (40, 100)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+def test_float_linear_matches_matmul(n, k, dtype, bound):
+    generator = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(1, 1, k, device="cuda", generator=generator).to(dtype)
+    weight = (torch.randn(n, k, device="cuda", generator=generator) * 0.02).to(dtype)
+    got = linear(x, weight)
+    assert got.dtype == dtype and got.shape == (1, 1, n)
+    assert relative_error(got, x.float() @ weight.float().T) < bound
+
+
+def test_model_linear_uses_the_kernel_for_one_token_and_cublas_otherwise(monkeypatch):
+    from gpt_fast_mixtral import model
+    from gpt_fast_mixtral.kernels import linear as linear_kernels
+
+    calls = []
+    monkeypatch.setattr(linear_kernels, "linear", lambda x, w: calls.append(x.shape) or linear(x, w))
+    layer = model.Linear(256, 96, bias=False).to("cuda", torch.bfloat16)
+    for shape in ((1, 1, 256), (1, 3, 256), (2, 1, 256)):
+        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        expected = x.float() @ layer.weight.float().T
+        assert relative_error(layer(x), expected) < 1e-2
+    assert calls == [(1, 1, 256)]  # the one-token call only
+    with pytest.raises(ValueError, match="one token"):
+        linear(torch.randn(2, 256, device="cuda"), layer.weight.float())
 
 
 ATTENTION_SHAPES = [  # batch, query heads, kv heads, cache slots, head_dim, filled lengths

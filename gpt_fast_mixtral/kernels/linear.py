@@ -234,7 +234,9 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig 
 def linear(x: Tensor, weight: Tensor, config: LinearConfig | None = None) -> Tensor:
     """x @ weight.T in x's dtype for one token (x [..., K] of K elements) and a weight [N, K] of x's dtype,
     contiguous; config: HALF_CONFIG for 16-bit weights, DEFAULT_CONFIG's tiles for float32."""
-    assert x.numel() == x.shape[-1], "the float-weight kernel runs one token; more take cuBLAS"
+    if x.numel() != x.shape[-1] or weight.dtype != x.dtype:
+        raise ValueError(f"the float-weight kernel takes one token of the weight's dtype (more take cuBLAS), got x "
+                         f"{x.dtype} {tuple(x.shape)} and weight {weight.dtype}")
     if config is None:
         config = HALF_CONFIG if weight.element_size() == 2 else DEFAULT_CONFIG
     if pdl.compiled_launch(x):
