@@ -877,13 +877,20 @@ def block_end(y: Tensor, top_k: int, dtype: torch.dtype, end: BlockEnd | None = 
 BLOCK_END_SINGLE_PASS = 8192
 
 
+def _moe_decode_from_op(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor,
+                        s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, config: list[int],
+                        w13_block: list[int], end: BlockEnd | None) -> Tensor | tuple[Tensor, Tensor]:
+    """_moe_decode from the custom ops' flat arguments (_fused_moe_gemv packs them)."""
+    scales = (s1, s2, s3) if s1 is not None else None
+    return _moe_decode(x, w1, w2, w3, routing, experts, scales, pdl.config_from_values(MoEConfig, config),
+                       tuple(w13_block) or None, end)
+
+
 @torch.library.custom_op("gpt_fast_mixtral::moe_decode", mutates_args=())
 def _moe_decode_op(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor,
                    s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, config: list[int],
                    w13_block: list[int]) -> Tensor:
-    scales = (s1, s2, s3) if s1 is not None else None
-    return _moe_decode(x, w1, w2, w3, routing, experts, scales, pdl.config_from_values(MoEConfig, config),
-                       tuple(w13_block) or None, None)
+    return _moe_decode_from_op(x, w1, w2, w3, routing, experts, s1, s2, s3, config, w13_block, None)
 
 
 @_moe_decode_op.register_fake
@@ -897,9 +904,8 @@ def _moe_decode_end_op(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: T
                        s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, config: list[int],
                        w13_block: list[int], residual: Tensor, norm_weight: Tensor, eps: float
                        ) -> tuple[Tensor, Tensor]:
-    scales = (s1, s2, s3) if s1 is not None else None
-    return _moe_decode(x, w1, w2, w3, routing, experts, scales, pdl.config_from_values(MoEConfig, config),
-                       tuple(w13_block) or None, BlockEnd(residual, norm_weight, eps))
+    return _moe_decode_from_op(x, w1, w2, w3, routing, experts, s1, s2, s3, config, w13_block,
+                               BlockEnd(residual, norm_weight, eps))
 
 
 @_moe_decode_end_op.register_fake
