@@ -396,7 +396,7 @@ def test_two_ranks_match_one_in_float32_and_bfloat16(tiny_converted_dir: Path, t
                 for path, logits in ranks[0][f"{key}/logits"].items():
                     assert relative_error(logits, expected[path]) < tolerance, (name, mode, dtype, path)
                     assert torch.equal(ranks[1][f"{key}/logits"][path], logits), \
-                        f"ranks disagree: {key} {path}; {first_differing_all_reduce(ranks, key)}"
+                        f"ranks disagree: {key} {path}; {first_differing_step(ranks, key)}"
         engine = Engine(load_model(tiny_converted_dir / name, device=device, dtype=torch.float32), tokenizer,
                         max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN, compile=name == "model.pth")
         expected_tokens = reference_generations(engine)
@@ -429,10 +429,10 @@ def test_decode_all_reduces_give_every_gpu_the_rank_order_sum(tmp_path: Path, me
         assert result["calls"] == calls
 
 
-def first_differing_all_reduce(ranks: list[dict], key: str) -> str:
-    """Which traced step of the probes (tp_ranks.traced_all_reduces: the all-reduces, the blocks' outputs,
+def first_differing_step(ranks: list[dict], key: str) -> str:
+    """Which traced step of the probes (tp_ranks.traced_steps: the all-reduces, the blocks' outputs,
     the output head's input and output, in order) first gave the two ranks different outputs, if any."""
-    traces = [rank[f"{key}/all_reduces"] for rank in ranks]
+    traces = [rank[f"{key}/trace"] for rank in ranks]
     if len(traces[0]) != len(traces[1]):
         return f"the ranks traced {len(traces[0])} and {len(traces[1])} steps"
     for (label, a), (_, b) in zip(*traces, strict=True):

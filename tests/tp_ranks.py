@@ -119,9 +119,9 @@ def run_devices(checkpoint_dir: Path, rank: int, world_size: int) -> dict[str, A
                 model = load_model(checkpoint_dir / name, device=device, dtype=dtype,
                                    transform=partial(apply_tensor_parallel, rank=rank, world_size=world_size,
                                                      mode=mode, device=device))
-                with traced_all_reduces(model) as trace:
+                with traced_steps(model) as trace:
                     results[f"{name}/{mode}/{dtype}/logits"] = probe_logits(model)
-                results[f"{name}/{mode}/{dtype}/all_reduces"] = trace
+                results[f"{name}/{mode}/{dtype}/trace"] = trace
             # Compiling takes a while per model: the int8 ones decode eagerly (with the fused kernels still).
             engine = Engine(model, tokenizer, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN,
                             compile=name == "model.pth")
@@ -241,13 +241,13 @@ def fused_all_reduce_errors(dtype: torch.dtype, parts, rank: int) -> list[tuple]
 
 
 @contextlib.contextmanager
-def traced_all_reduces(model: Transformer | None = None):
+def traced_steps(model: Transformer | None = None):
     """Collects (label, output) of every tp.all_reduce (one-shot or NCCL; eager calls only) made inside and,
-    given the model, of every block and of the norm before the output head, in the order they ran; moved
-    to the CPU on the way out. When ranks disagree, the test can tell an all-reduce that gave the ranks
-    different sums from a replicated computation that is not deterministic, and which one. Copies stay on
-    the device until then: a copy to the CPU after each step would synchronise, and hide a missing stream
-    wait."""
+    given the model, of every block and of the output head (its input, the final norm's output, and its
+    output), in the order they ran; moved to the CPU on the way out. When ranks disagree, the test can tell
+    an all-reduce that gave the ranks different sums from a replicated computation that is not
+    deterministic, and which one. Copies stay on the device until then: a copy to the CPU after each step
+    would synchronise, and hide a missing stream wait."""
     from gpt_fast_mixtral import tp
 
     trace: list[tuple[str, torch.Tensor]] = []
