@@ -199,7 +199,9 @@ def enable_one_shot_all_reduce(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16
 
     method "push" (kernels.allreduce): every rank writes its partial sum into every rank's receive buffer
     and waits on its own; "one-shot": PyTorch's symm_mem kernel (a barrier, then every rank reads all W
-    buffers). Both add the W parts in rank order, so every rank gets the same sum.
+    buffers). Both add the W parts in rank order, so every rank gets the same sum; push adds in float32
+    and rounds once, PyTorch's kernel rounds to the activations' dtype after every add (the same as
+    float32 for two ranks, not for more in bfloat16: see kernels.allreduce.reference_all_reduce).
 
     Only for NCCL groups on GPUs: returns False and changes nothing otherwise. A collective: every rank
     calls it, after init_process_group. NVLink multicast is not needed.

@@ -37,6 +37,7 @@ from tp_ranks import (
 from gpt_fast_mixtral.checkpoint import convert_checkpoint, load_model, meta_model
 from gpt_fast_mixtral.config import ModelArgs
 from gpt_fast_mixtral.generate import Engine, SamplingParams
+from gpt_fast_mixtral.kernels.allreduce import reference_all_reduce
 from gpt_fast_mixtral.model import ConditionalFeedForward
 from gpt_fast_mixtral.quantize import ConditionalFeedForwardInt8, quantize_checkpoint, quantize_int8
 from gpt_fast_mixtral.tiny_model import hf_state_dict, tiny_model_args
@@ -442,6 +443,24 @@ def first_differing_step(ranks: list[dict], key: str) -> str:
             return (f"{label} of {len(traces[0])} traced steps ({a.numel()} elements) differs first, in {differing} "
                     f"elements, by up to {largest:.3g}")
     return f"all {len(traces[0])} traced steps agree: the difference arose after the output head"
+
+
+def test_all_reduce_references_round_once_or_after_every_add() -> None:
+    generator = torch.Generator().manual_seed(0)
+    parts = [(torch.randn(4096, generator=generator) * 10 ** rank).bfloat16() for rank in range(4)]
+    once, each = reference_all_reduce(parts), reference_all_reduce(parts, round_each_add=True)
+    exact = sum(part.double() for part in parts)
+    assert torch.equal(once, exact.bfloat16())  # rounded once (float32's own rounding is far below bfloat16's)
+    stepwise = parts[0]
+    for part in parts[1:]:
+        stepwise = (stepwise.double() + part.double()).bfloat16()  # one correctly rounded add at a time
+    assert torch.equal(each, stepwise)
+    assert not torch.equal(each, once)  # four bfloat16 ranks: the two orders of rounding differ
+    two = (parts[0].double() + parts[1].double()).bfloat16()
+    for method in (True, False):  # two ranks: one add, so both round once
+        assert torch.equal(reference_all_reduce(parts[:2], round_each_add=method), two)
+    float32 = [part.float() for part in parts]
+    assert torch.equal(reference_all_reduce(float32, round_each_add=True), reference_all_reduce(float32))
 
 
 def test_an_unknown_all_reduce_is_refused_before_joining() -> None:

@@ -75,8 +75,15 @@ def buffer_elements(world_size: int, capacity: int) -> int:
     return PHASES * world_size * capacity
 
 
-def reference_all_reduce(partials: list[Tensor]) -> Tensor:
-    """What every rank gets: the partial sums of ranks 0..W-1 added in that order in float32."""
+def reference_all_reduce(partials: list[Tensor], round_each_add: bool = False) -> Tensor:
+    """What every rank gets: the partial sums of ranks 0..W-1 added in that order, in float32 and rounded
+    once to their dtype (the push kernel), or with `round_each_add` rounded to it after every add, as
+    PyTorch's symmetric-memory one-shot kernel does (torch 2.11: bfloat16 adds of pairs of elements)."""
+    if round_each_add:
+        total = partials[0]
+        for partial in partials[1:]:
+            total = total + partial  # 16-bit adds are computed in float32 and rounded once: the exact add
+        return total
     total = torch.zeros_like(partials[0], dtype=torch.float32)
     for partial in partials:
         total += partial.float()
