@@ -222,6 +222,46 @@ def profile_kernels(engine: Engine, prompt: list[list[int]], new_tokens: int, la
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             gpu_us = sum(e.device_time for e in kernels)
             print(f"per {label}: {len(kernels) / per:.0f} kernels, {gpu_us / per / 1000:.3f} ms of GPU time")
+            intervals = [(e.name, e.time_range.start, e.time_range.end) for e in kernels]
+            print(format_critical_path(critical_path(intervals), per, label))
+
+
+def critical_path(intervals: list[tuple[str, float, float]], host_gap_us: float = 20.0
+                  ) -> dict[str, tuple[list[float], list[float]]]:
+    """Per kernel name: each call's time on the critical path and the idle GPU time before it, over kernels
+    given as (name, start, end) in us on one stream. A kernel's share runs from the previous kernel's end
+    to its own: under PDL a kernel starts while its predecessor runs and waits, so its own duration (the
+    profiler's table) counts that wait twice, and the durations add up to more than the step. A gap longer
+    than `host_gap_us` (the GPU waiting for the host to launch, e.g. between steps or in eager prefill) is
+    counted under HOST_GAP, not against the kernel after it."""
+    shares: dict[str, tuple[list[float], list[float]]] = {}
+    previous_end = None
+    for name, start, end in sorted(intervals, key=lambda interval: interval[2]):
+        if previous_end is None or start - previous_end > host_gap_us:
+            if previous_end is not None:
+                shares.setdefault(HOST_GAP, ([], []))[0].append(start - previous_end)
+            previous_end = start
+        calls = shares.setdefault(name, ([], []))
+        calls[0].append(max(0.0, end - previous_end))
+        calls[1].append(max(0.0, start - previous_end))
+        previous_end = max(previous_end, end)
+    return shares
+
+
+HOST_GAP = "(GPU idle waiting for the host)"
+
+
+def format_critical_path(shares: dict[str, tuple[list[float], list[float]]], per: int, label: str,
+                         rows: int = 16) -> str:
+    total = sum(sum(times) for times, _ in shares.values())
+    lines = [f"critical path per {label}: {total / per / 1000:.3f} ms (a kernel's share runs from the previous "
+             "kernel's end to its own)", f"  {'kernel':60} {'calls':>6} {'us/call':>8} {'median':>7} "
+             f"{'idle before (median us)':>24} {'share':>6}"]
+    for name, (times, idles) in sorted(shares.items(), key=lambda item: -sum(item[1][0]))[:rows]:
+        idle = f"{statistics.median(idles):.2f}" if idles else "-"
+        lines.append(f"  {name[:60]:60} {len(times) / per:6.1f} {sum(times) / len(times):8.2f} "
+                     f"{statistics.median(times):7.2f} {idle:>24} {sum(times) / total:6.1%}")
+    return "\n".join(lines)
 
 
 def synthetic_prompt(length: int, vocab_size: int, row: int = 0) -> list[int]:

@@ -179,6 +179,19 @@ def test_two_ranks_under_torchrun_report_once_with_the_speedup_over_one(
     assert result["baseline"]["decode_tok_s"] == baseline["decode_tok_s"]
 
 
+def test_the_critical_path_gives_each_kernel_the_time_from_the_previous_end_to_its_own() -> None:
+    # a PDL pair (b starts before a ends and waits), 2 us of idle GPU before c, b once more, then a host gap
+    intervals = [("c", 10.0, 14.0), ("a", 0.0, 5.0), ("b", 1.0, 8.0), ("b", 14.0, 15.5), ("a", 50.0, 52.0)]
+    shares = benchmark.critical_path(intervals, host_gap_us=20.0)
+    assert shares == {"a": ([5.0, 2.0], [0.0, 0.0]), "b": ([3.0, 1.5], [0.0, 0.0]), "c": ([6.0], [2.0]),
+                      benchmark.HOST_GAP: ([34.5], [])}
+    assert sum(sum(times) for times, _ in shares.values()) == 52.0  # the shares add up to the span
+    table = benchmark.format_critical_path(shares, per=1, label="step").splitlines()
+    assert table[2].split()[-5:] == ["1.0", "34.50", "34.50", "-", "66.3%"]  # the largest share first
+    assert table[3].split() == ["a", "2.0", "3.50", "3.50", "0.00", "13.5%"]
+    assert table[4].split() == ["c", "1.0", "6.00", "6.00", "2.00", "11.5%"]  # 2 us idle, then its own 4
+
+
 def test_kernel_config_settings_are_typed_and_checked() -> None:
     parser = argparse.ArgumentParser()
     settings = benchmark.config_settings(parser, "--moe-config", ["gemv_stages=2", "int8_magic=false"],
