@@ -152,7 +152,8 @@ def run_all_reduce(_: Path, rank: int, world_size: int) -> dict[str, Any]:
         return drawn
 
     # PyTorch's kernel rounds after every add: with more than two ranks, bfloat16 sums differ from push's
-    reference = partial(reference_all_reduce, round_each_add=os.environ.get("TP_TEST_ALL_REDUCE") == "one-shot")
+    rank_order_sum = partial(reference_all_reduce,
+                             round_each_add=os.environ.get("TP_TEST_ALL_REDUCE") == "one-shot")
     wrong, calls, to_nccl = [], 0, set()
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         capacity = ONE_SHOT_MAX_BYTES // dtype.itemsize
@@ -161,7 +162,7 @@ def run_all_reduce(_: Path, rank: int, world_size: int) -> dict[str, Any]:
             if not _ONE_SHOT[group_name][dtype].fits(drawn[rank]):
                 to_nccl.add((str(dtype), numel))
                 continue
-            if not torch.equal(one_shot_all_reduce(drawn[rank], call % 2, group_name), reference(drawn)):
+            if not torch.equal(one_shot_all_reduce(drawn[rank], call % 2, group_name), rank_order_sum(drawn)):
                 wrong.append((str(dtype), "eager", call, numel))
             calls += 1
         static = [torch.zeros(4096, dtype=dtype, device=device) for _ in range(4)]
@@ -178,7 +179,7 @@ def run_all_reduce(_: Path, rank: int, world_size: int) -> dict[str, Any]:
             for index, tensor in enumerate(static):
                 drawn = parts(100 + 10 * replay + index, 4096, dtype)
                 tensor.copy_(drawn[rank])
-                expected.append(reference(drawn))
+                expected.append(rank_order_sum(drawn))
             graph.replay()
             for index, (output, reference) in enumerate(zip(outputs, expected, strict=True)):
                 if not torch.equal(output, reference):
