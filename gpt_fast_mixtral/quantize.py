@@ -23,7 +23,7 @@ from gpt_fast_mixtral.checkpoint import (
 )
 from gpt_fast_mixtral.config import load_model_args
 from gpt_fast_mixtral.kernels import linear as linear_kernels
-from gpt_fast_mixtral.model import ConditionalFeedForward, MOEFeedForward, Transformer
+from gpt_fast_mixtral.model import Attention, ConditionalFeedForward, MOEFeedForward, Transformer
 
 SCALE_DTYPE = torch.bfloat16
 
@@ -42,17 +42,32 @@ class WeightOnlyInt8Linear(nn.Module):
     # Decode-sized inputs on a GPU take the Triton kernel (weights read once, dequantised in registers);
     # prefill dequantises the weight and uses cuBLAS.
     kernel_config = linear_kernels.DEFAULT_CONFIG
+    # One token through a projection marked `preload` (quantize_int8 marks the attention's wo, which
+    # follows the nearly idle decode attention) takes this config: linear_kernels.PRELOAD_CONFIG's kernel
+    # loads the whole weight before its PDL wait. None: kernel_config for every projection
+    # (scripts/benchmark.py --no-wo-preload).
+    preload_config: linear_kernels.LinearConfig | None = linear_kernels.PRELOAD_CONFIG
 
-    def __init__(self, in_features: int, out_features: int, device: torch.device | None = None) -> None:
+    def __init__(self, in_features: int, out_features: int, device: torch.device | None = None,
+                 preload: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.preload = preload
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))
+
+    @property
+    def preloads_weight(self) -> bool:
+        """Whether one token takes preload_config (model.Attention then has the decode attention kernel let
+        this kernel's programs in only after its wait: kernels.attention.rope_cache_attention)."""
+        return self.preload and self.preload_config is not None
 
     def forward(self, x: Tensor) -> Tensor:
         if linear_kernels.available(x) and self.weight.is_contiguous():
             if x.numel() <= x.shape[-1] * self.kernel_config.max_tokens:
-                return linear_kernels.int8_linear(x, self.weight, self.scales, self.kernel_config)
+                one_token = x.numel() == x.shape[-1]
+                config = self.preload_config if one_token and self.preloads_weight else self.kernel_config
+                return linear_kernels.int8_linear(x, self.weight, self.scales, config)
             # Prefill: the weight times its scales in x's dtype by one kernel, then cuBLAS. (PyTorch's
             # casting copy and broadcasting multiply of the output took 58 + 27 us for wqkv at 2048 tokens
             # on an H200; torch.compile's fusion of the two into a Triton matmul was 30x slower still.)
@@ -115,14 +130,16 @@ def quantize_int8(model: Transformer) -> Transformer:
             if isinstance(module, MOEFeedForward) and child_name == "gate":
                 continue
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, _int8_linear(child))
+                setattr(module, child_name, _int8_linear(child, preload=isinstance(module, Attention)
+                                                          and child_name == "wo"))
             elif isinstance(child, ConditionalFeedForward) and not isinstance(child, ConditionalFeedForwardInt8):
                 setattr(module, child_name, _int8_experts(child))
     return model
 
 
-def _int8_linear(linear: nn.Linear) -> WeightOnlyInt8Linear:
-    quantized = WeightOnlyInt8Linear(linear.in_features, linear.out_features, device=linear.weight.device)
+def _int8_linear(linear: nn.Linear, preload: bool = False) -> WeightOnlyInt8Linear:
+    quantized = WeightOnlyInt8Linear(linear.in_features, linear.out_features, device=linear.weight.device,
+                                     preload=preload)
     if linear.weight.device.type != "meta":
         quantized.weight, quantized.scales = quantize_per_channel(linear.weight.detach())
     return quantized

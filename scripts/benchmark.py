@@ -314,6 +314,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         pdl.ENABLED = options.pdl
     if options.decode_linear is not None:
         Linear.decode_kernel = options.decode_linear
+    if options.wo_preload is not None:
+        quantize.WeightOnlyInt8Linear.preload_config = linear_kernels.PRELOAD_CONFIG if options.wo_preload else None
     if options.fused_all_reduce is not None:
         TensorParallelBlock.fused_all_reduce = options.fused_all_reduce
     moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG, **options.moe_settings)
@@ -374,6 +376,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "fused_rope_cache": Attention.fused_rope_cache,
         "pdl": pdl.ENABLED,
         "decode_linear": Linear.decode_kernel,
+        "wo_preload": quantize.WeightOnlyInt8Linear.preload_config is not None,
         "compile": compile_step,
         "parallel": options.parallel or "none",
         "world_size": world_size,
@@ -518,6 +521,10 @@ def parse_args() -> argparse.Namespace:
                         help="one-token products of 16-bit linear weights (bf16's wqkv, wo, output) in "
                              "kernels/linear.py's kernel, launched with PDL, instead of cuBLAS (default: "
                              "model.Linear.decode_kernel, on)")
+    parser.add_argument("--wo-preload", action=argparse.BooleanOptionalAction, default=None,
+                        help="int8's one-token attention output projection in the kernel that loads its whole "
+                             "weight before its PDL wait, the decode attention letting it in after its own wait "
+                             "(kernels.linear.PRELOAD_CONFIG; default: on)")
     parser.add_argument("--fused-rope-cache", action=argparse.BooleanOptionalAction, default=None,
                         help="rotary embedding, KV-cache write and attention of a decode step in one kernel "
                              "(default: model.Attention.fused_rope_cache, on)")

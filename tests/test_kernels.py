@@ -13,7 +13,14 @@ from gpt_fast_mixtral.kernels.attention import (
     reference_rope_and_cache_write,
     rope_cache_attention,
 )
-from gpt_fast_mixtral.kernels.linear import LinearConfig, int8_linear, linear, reference_int8_linear
+from gpt_fast_mixtral.kernels.linear import (
+    PRELOAD_CONFIG,
+    LinearConfig,
+    int8_linear,
+    linear,
+    preloaded,
+    reference_int8_linear,
+)
 from gpt_fast_mixtral.kernels.moe import (
     MoEConfig,
     block_rows,
@@ -217,15 +224,33 @@ def test_int8_linear_default_plan_matches_reference(n, k):
     assert relative_error(int8_linear(x, weight, scales), reference_int8_linear(x, weight, scales)) < 1e-2
 
 
+# The whole-row preloading kernel (linear.PRELOAD_CONFIG, the attention's wo): Mixtral's wo on one GPU and
+# over 2 and 8 ranks, K not a multiple of the chunk, rows not a multiple of the program's, 1- and 2-row
+# programs; float32 and bfloat16 activations
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 2048), (4096, 512), (2051, 1000), (37, 100)])
+@pytest.mark.parametrize("rows_a_program", [4, 2, 1])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_preloaded_int8_linear_matches_reference(n, k, rows_a_program, dtype, bound):
+    generator = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(1, k, device="cuda", generator=generator).to(dtype)
+    weight, scales = quantize_per_channel(torch.randn(n, k, device="cuda", generator=generator))
+    config = dataclasses.replace(PRELOAD_CONFIG, gemv_preload_rows=rows_a_program)
+    assert preloaded(k, True, config)
+    got = int8_linear(x, weight, scales, config)
+    assert got.dtype == dtype and got.shape == (1, n)
+    assert relative_error(got, reference_int8_linear(x, weight, scales)) < bound
+
+
 def test_int8_linear_layer_uses_the_kernel_for_decode_and_cublas_for_prefill():
     from gpt_fast_mixtral.quantize import WeightOnlyInt8Linear
 
-    layer = WeightOnlyInt8Linear(256, 96, device="cuda")
-    layer.weight, layer.scales = quantize_per_channel(torch.randn(96, 256, device="cuda"))
-    for tokens in (1, 4, 16, 17, 64):
-        x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.bfloat16)[:1]
-        expected = reference_int8_linear(x, layer.weight, layer.scales)
-        assert relative_error(layer(x), expected) < 1e-2
+    for preload in (False, True):  # True: one token takes the preloading kernel
+        layer = WeightOnlyInt8Linear(256, 96, device="cuda", preload=preload)
+        layer.weight, layer.scales = quantize_per_channel(torch.randn(96, 256, device="cuda"))
+        for tokens in (1, 4, 16, 17, 64):
+            x = torch.randn(2, tokens, 256, device="cuda", dtype=torch.bfloat16)[:1]
+            expected = reference_int8_linear(x, layer.weight, layer.scales)
+            assert relative_error(layer(x), expected) < 1e-2
 
 
 # Float weights, one token (kernels.linear.linear): HALF_CONFIG's pipelined 4 x 1024 tiles (4096 rows and

@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,39 @@ def test_prefill_moe_helper_kernels_compile() -> None:
                        dict(TOP_K=2, BLOCK=1024))
 
 
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """ptxas' resource use of a cubin ({"REG": ..., "LOCAL": ..., ...}) by the cuobjdump of Triton's wheel."""
+    tool = next(Path(triton.__file__).parent.glob("backends/nvidia/bin/cuobjdump"), None)
+    if tool is None:
+        pytest.skip("no cuobjdump in this Triton")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", file.name], capture_output=True, text=True,
+                             check=True).stdout
+    line = next(line for line in out.splitlines() if "REG:" in line)
+    return {key: int(value) for key, value in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+
+
+def test_preloaded_linear_issues_every_weight_load_before_its_wait() -> None:
+    """PRELOAD_CONFIG at Mixtral's wo (K 4096): the 4 rows x 4096 int8 of a one-warp program are 32 16-byte
+    loads a thread, all before griddepcontrol.wait (after it only x's), in registers without spilling."""
+    config = linear.PRELOAD_CONFIG
+    compiled = compile_for_hopper(linear._preloaded_gemv_kernel,
+                                  ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32"],
+                                  dict(MAGIC=True, BLOCK_N=config.gemv_preload_rows,
+                                       BLOCK_K=config.gemv_preload_block_k, CHUNKS=4, PDL=True),
+                                  num_warps=config.gemv_preload_warps, num_stages=1)
+    ptx = compiled.asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert ptx.index("griddepcontrol.launch_dependents") < wait
+    weight_loads = config.gemv_preload_rows * 4096 // (32 * config.gemv_preload_warps * 16)
+    assert ptx[:wait].count("ld.global.v4.b32") >= weight_loads
+    assert ptx[wait:].count("ld.global") <= 4096 * 2 // (32 * config.gemv_preload_warps * 16)  # x, bf16
+    usage = resource_usage(compiled.asm["cubin"])
+    assert usage["LOCAL"] == 0 and usage["REG"] <= 255, usage
+
+
 def assert_pdl(ptx: str, prefetch: bool = False) -> None:
     """Programmatic dependent launch's wait and release (kernels.pdl); with `prefetch`, the weight tile
     asked of L2 before the wait."""
@@ -182,12 +217,17 @@ def test_decode_kernels_compile() -> None:
                                 PDL=single_pass), num_warps=warps)
     compile_for_hopper(attention._rope_rows_kernel, ["*bf16", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32", "i32",
                                                      "i32", "i32", "i32", "i32"], dict(BLOCK_H=4, BLOCK_HALF=64))
-    for rope in (False, True):
-        compile_for_hopper(attention._decode_attention_kernel,
-                           ["*bf16", "*bf16", "*bf16", "*i64", "*bf16", "*fp32", "*fp32", "*fp32", "*i32", "*fp32",
-                            "*fp32"] + ["i32"] * 17,
-                           dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, BLOCK_HALF=64, SPLITS=64, MIN_CHUNK=256,
-                                SCALE=128 ** -0.5, PRECISION="tf32", ROPE=rope, PDL=rope), num_stages=2)
+    for rope, release_after_wait in ((False, False), (True, False), (True, True)):
+        compiled = compile_for_hopper(attention._decode_attention_kernel,
+                                      ["*bf16", "*bf16", "*bf16", "*i64", "*bf16", "*fp32", "*fp32", "*fp32", "*i32",
+                                       "*fp32", "*fp32"] + ["i32"] * 17,
+                                      dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, BLOCK_HALF=64, SPLITS=64, MIN_CHUNK=256,
+                                           SCALE=128 ** -0.5, PRECISION="tf32", ROPE=rope, PDL=rope,
+                                           RELEASE_AFTER_WAIT=release_after_wait), num_stages=2)
+        if rope:
+            ptx = compiled.asm["ptx"]
+            released_first = ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
+            assert released_first != release_after_wait
     for persistent, stages, defer, pdl_on in ((False, 1, False, False), (True, 1, False, False),
                                               (False, 3, False, False), (False, 3, True, False),
                                               (False, 3, True, True), (False, 1, False, True), (True, 1, False, True)):

@@ -117,6 +117,16 @@ def test_router_gate_norms_and_embedding_stay_in_the_source_precision(float_chec
         assert saved[scales].dtype == torch.bfloat16 and saved[scales].shape == saved[name].shape[:-1], name
 
 
+def test_only_the_attention_output_projections_preload_their_weight(int8_checkpoint):
+    """quantize_int8 marks each attention's wo (kernels.linear.PRELOAD_CONFIG for one token), nothing else,
+    and a loaded int8 checkpoint keeps the marks; unmarked, a projection keeps its kernel_config."""
+    model = load_model(int8_checkpoint, device="cpu")
+    marked = {name for name, module in model.named_modules()
+              if isinstance(module, WeightOnlyInt8Linear) and module.preload}
+    assert marked == {f"layers.{i}.attention.wo" for i in range(2)}
+    assert WeightOnlyInt8Linear.preload_config.gemv_preload_rows > 0
+
+
 def test_int8_file_is_about_half_the_bf16_file(bf16_pair):
     bf16, int8 = bf16_pair
     ratio = int8.stat().st_size / bf16.stat().st_size  # measured 0.53: embedding and scales stay 16-bit

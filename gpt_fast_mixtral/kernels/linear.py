@@ -141,6 +141,32 @@ if triton is not None:
             tl.store(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
                      acc2.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
+    @triton.jit
+    def _preloaded_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, MAGIC: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr,
+                               PDL: tl.constexpr = False):
+        """One token and int8 weights: a program per BLOCK_N rows, holding their whole weight (CHUNKS tiles
+        of BLOCK_K columns, CHUNKS * BLOCK_K >= K) in registers. With PDL every weight load is issued before
+        the wait, so where the grid fits on the GPU at once the weight streams in while the kernel before
+        runs (the decode attention) and after the wait only x is read."""
+        pdl_release(PDL)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        tiles = ()
+        for c in tl.static_range(CHUNKS):
+            offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+            tiles = tiles + (tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
+                                     other=0),)
+        scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for c in tl.static_range(CHUNKS):
+            offs_k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            acc += tl.sum(dequant(tiles[c], tl.float32, MAGIC) * x[None, :], axis=1)
+        tl.store(y_ptr + offs_n, (acc * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
+
 
 @dataclass(frozen=True)
 class LinearConfig:
@@ -180,6 +206,13 @@ class LinearConfig:
     # batch 1 (scripts/benchmark.py, session 15, one call): 260.3 tok/s without the prefetch, 253.9 with,
     # 247.5 / 249.6 without PDL (results/h200_s15_*).
     pdl_prefetch: bool = False
+    # > 0: a one-token int8 weight of at most gemv_preload_max_chunks * gemv_preload_block_k columns takes
+    # _preloaded_gemv_kernel, gemv_preload_rows rows a program (gemv_preload_warps warps), each program's
+    # whole weight loaded into registers before its PDL wait. 0: off (PRELOAD_CONFIG turns it on).
+    gemv_preload_rows: int = 0
+    gemv_preload_warps: int = 1
+    gemv_preload_block_k: int = 1024
+    gemv_preload_max_chunks: int = 4
     tile_block_n: int = 32
     tile_block_k: int = 256
     tile_warps: int = 4
@@ -206,6 +239,20 @@ HALF_CONFIG = LinearConfig(gemv_block_n=2, gemv_block_k=2048, gemv_pipelined_blo
                            gemv_pipelined_stages=2, gemv_pipeline_min_programs=1024)
 
 
+# The attention's output projection (quantize.WeightOnlyInt8Linear.preload): a whole weight fits in the
+# GPU's registers at once (Mixtral's wo, 16.8 MB: 4-row programs of one warp, 168 registers a thread with
+# Triton 3.6, 12 per SM: 6336 rows on 132 SMs), so with PDL it streams in while the nearly idle decode
+# attention runs (which lets its programs in after its own wait: attention.rope_cache_attention's
+# release_after_wait). H200, int8 wo [4096, 4096] behind 8 programs spinning 4.6 us, 32 in a CUDA graph
+# (session 18, results/h200_s18_preload_micro.log): 9.74 us a pair against 12.20 for the default plan (2
+# rows: 10.27, 1 row: 11.41). It does not pay where the kernel before is short: wqkv [6144, 4096] behind a
+# 2.1 us kernel 12.70 against 10.89. End to end the weight's loads then slow the attention down (its
+# critical-path share 4.4 -> 8.1 us against wo's 8.7 -> 4.2), so the step gains little: int8 Mixtral-8x7B
+# batch 1, one H200, three calls 254.3 / 259.7 / 256.1 + 254.5 tok/s against 251.5 + 251.7 / 256.8 / 254.3
+# + 254.1 without (scripts/benchmark.py --no-wo-preload); tp2 391.2 against 391.0 (results/*_s18_*).
+PRELOAD_CONFIG = LinearConfig(gemv_preload_rows=4, gemv_preload_warps=1)
+
+
 def gemv_tile(k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[int, int]:
     """(rows, columns) of one program's weight tile for one token and K columns: config's tile, or for K
     below its width the narrowest power of two that covers K, with the rows scaled up to keep its size."""
@@ -222,6 +269,13 @@ def gemv_plan(n: int, k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[in
     if k >= c.gemv_pipelined_block_k and n >= c.gemv_pipeline_min_programs * c.gemv_pipelined_block_n:
         return c.gemv_pipelined_block_n, c.gemv_pipelined_block_k, c.gemv_pipelined_stages
     return *gemv_tile(k, c), 1
+
+
+def preloaded(k: int, scaled: bool, config: LinearConfig = DEFAULT_CONFIG) -> bool:
+    """Whether one token and a weight of k columns take the whole-row preloading kernel
+    (LinearConfig.gemv_preload_rows): int8 weights only."""
+    c = config
+    return scaled and c.gemv_preload_rows > 0 and k <= c.gemv_preload_block_k * c.gemv_preload_max_chunks
 
 
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig = DEFAULT_CONFIG) -> Tensor:
@@ -252,6 +306,14 @@ def _linear(x: Tensor, weight: Tensor, scales: Tensor | None, config: LinearConf
     rows, (n, k) = x2.shape[0], weight.shape
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     c = config
+    use_pdl = pdl.active(x)
+    if rows == 1 and preloaded(k, scales is not None, c):
+        block_n = c.gemv_preload_rows
+        _preloaded_gemv_kernel[(triton.cdiv(n, block_n),)](
+            x2, weight, scales, y, n, k, weight.stride(0), MAGIC=c.int8_magic, BLOCK_N=block_n,
+            BLOCK_K=c.gemv_preload_block_k, CHUNKS=triton.cdiv(k, c.gemv_preload_block_k), PDL=use_pdl,
+            num_warps=c.gemv_preload_warps, num_stages=1, **pdl.launch_options(use_pdl))
+        return y.view(*shape[:-1], n)
     persistent = False
     loop_stages = 1
     defer = False
@@ -265,7 +327,6 @@ def _linear(x: Tensor, weight: Tensor, scales: Tensor | None, config: LinearConf
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_m))
     if persistent:
         grid = (min(grid[0], c.gemv_programs), 1)
-    use_pdl = pdl.active(x)
     _linear_kernel[grid](x2, weight, scales, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
                          MAGIC=c.int8_magic, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
                          BLOCK_K=block_k, PERSISTENT=persistent, STAGES=loop_stages, DEFER=defer, PDL=use_pdl,
