@@ -150,31 +150,24 @@ def check_int8_linear() -> None:
     persistent = linear.LinearConfig(gemv_programs=3)
     pipelined = linear.LinearConfig(gemv_block_k=256, gemv_stages=3)  # products summed after the loop
     summed_each_iteration = linear.LinearConfig(gemv_block_k=256, gemv_stages=3, gemv_pipelined_defer=False)
+    # the whole-row preloading kernel (linear.PRELOAD_CONFIG): K over several chunks with a masked last one,
+    # K below one chunk, rows not a multiple of the program's; 2 tokens take the ordinary 16-row tile
+    preload_4 = linear.LinearConfig(gemv_preload_rows=4, gemv_preload_block_k=128)
+    preload_1 = linear.LinearConfig(gemv_preload_rows=1, gemv_preload_block_k=64)
     for rows, n, k, config in [(1, 40, 100, linear.DEFAULT_CONFIG), (1, 40, 100, persistent),
                                (1, 40, 1000, pipelined), (1, 40, 1000, summed_each_iteration),
                                (1, 40, 3000, linear.DEFAULT_CONFIG),
-                               (3, 96, 200, linear.DEFAULT_CONFIG)]:  # matrix-vector (one token), 16-row tile
+                               (3, 96, 200, linear.DEFAULT_CONFIG),  # matrix-vector (one token), 16-row tile
+                               (1, 37, 300, preload_4), (1, 10, 50, preload_1), (1, 9, 200, linear.PRELOAD_CONFIG),
+                               (2, 9, 200, linear.PRELOAD_CONFIG)]:
+        assert linear.preloaded(k, True, config) == (config.gemv_preload_rows > 0)
         generator = torch.Generator().manual_seed(n + k)
         weight, scales = quantize_per_channel(torch.randn(n, k, generator=generator))
         x = torch.randn(rows, k, generator=generator)
         error = relative_error(linear.int8_linear(x, weight, scales, config),
                                linear.reference_int8_linear(x, weight, scales))
         print(f"int8 linear ({rows}, {n}, {k}, programs {config.gemv_programs}, stages {config.gemv_stages}, "
-              f"deferred {config.gemv_pipelined_defer}): {error:.1e}")
-        assert error < TOLERANCE
-    # the whole-row preloading kernel (linear.PRELOAD_CONFIG): K over several chunks with a masked last one,
-    # K below one chunk, rows not a multiple of the program's; 2 tokens take the ordinary 16-row tile
-    for rows, n, k, config in [(1, 37, 300, linear.LinearConfig(gemv_preload_rows=4, gemv_preload_block_k=128)),
-                               (1, 10, 50, linear.LinearConfig(gemv_preload_rows=1, gemv_preload_block_k=64)),
-                               (1, 9, 200, linear.PRELOAD_CONFIG), (2, 9, 200, linear.PRELOAD_CONFIG)]:
-        assert linear.preloaded(k, True, config)
-        generator = torch.Generator().manual_seed(n + k)
-        weight, scales = quantize_per_channel(torch.randn(n, k, generator=generator))
-        x = torch.randn(rows, k, generator=generator)
-        error = relative_error(linear.int8_linear(x, weight, scales, config),
-                               linear.reference_int8_linear(x, weight, scales))
-        print(f"int8 linear, whole rows preloaded ({rows}, {n}, {k}, {config.gemv_preload_rows} rows a program): "
-              f"{error:.1e}")
+              f"deferred {config.gemv_pipelined_defer}, preloaded rows {config.gemv_preload_rows}): {error:.1e}")
         assert error < TOLERANCE
     # float weights, one token: 16-bit ones with HALF_CONFIG's tiles (bf16 loads and casts are exact in the
     # interpreter; the products are float32), float32 with DEFAULT_CONFIG's; a pipelined plan and a K
