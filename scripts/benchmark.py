@@ -319,8 +319,10 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
     if options.fused_all_reduce is not None:
         TensorParallelBlock.fused_all_reduce = options.fused_all_reduce
     moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG, **options.moe_settings)
-    quantize.WeightOnlyInt8Linear.kernel_config = dataclasses.replace(quantize.WeightOnlyInt8Linear.kernel_config,
-                                                                      **options.linear_settings)
+    int8_linear = quantize.WeightOnlyInt8Linear
+    int8_linear.kernel_config = dataclasses.replace(int8_linear.kernel_config, **options.linear_settings)
+    if int8_linear.preload_config is not None:  # the attention's wo: the same settings
+        int8_linear.preload_config = dataclasses.replace(int8_linear.preload_config, **options.linear_settings)
     for module in engine.model.modules():
         if hasattr(module, "dense_max_tokens") and options.moe_impl == "gather":
             module.dense_max_tokens = module.fused_max_tokens = 0
@@ -537,7 +539,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--moe-config", nargs="*", default=[], metavar="NAME=VALUE",
                         help="kernels.moe.MoEConfig settings for comparisons, e.g. gemv_stages=1")
     parser.add_argument("--linear-config", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="the int8 linears' kernels.linear.LinearConfig settings, e.g. gemv_stages=1")
+                        help="the int8 linears' kernels.linear.LinearConfig settings (wo's PRELOAD_CONFIG "
+                             "takes them too), e.g. gemv_stages=1")
     parser.add_argument("--int8-w13-blocks", action=argparse.BooleanOptionalAction, default=True,
                         help="the int8 experts' gate and up weights stored in blocks on the GPU "
                              "(gpt_fast_mixtral.quantize.INT8_W13_BLOCK; default on)")
