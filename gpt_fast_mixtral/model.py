@@ -132,16 +132,19 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, args.qkv_out_features, bias=False)
         self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        # The model's rotary tables [max_seq_len, head_dim / 2, 2] (set with the cache): the fused decode
+        # kernel reads each row's position in them itself (see rope_cache_attention).
+        self.rope_table: Tensor | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
         batch, seq_len, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         assert self.kv_cache is not None, "call Transformer.setup_caches() before running the model"
         decode_kernel = seq_len == 1 and self.decode_kernel and attention_kernels.available(x)
-        if decode_kernel and self.fused_rope_cache:
-            cache = self.kv_cache
+        if decode_kernel and self.fused_rope_cache and self.rope_table is not None:
+            cache, table = self.kv_cache, self.rope_table
             out = attention_kernels.rope_cache_attention(
-                self.wqkv(x).view(batch, -1), cos[:, 0, 0], sin[:, 0, 0], cache.k_cache, cache.v_cache,
+                self.wqkv(x).view(batch, -1), table[..., 0], table[..., 1], cache.k_cache, cache.v_cache,
                 input_pos[:, 0], self.n_heads, self.n_kv_heads, self.head_dim, self.sliding_window, cache.counters,
                 release_after_wait=getattr(self.wo, "preloads_weight", False))
             return self.wo(out.view(batch, 1, q_size))
@@ -438,6 +441,17 @@ class Transformer(nn.Module):
             attention.kv_cache = KVCache(max_batch_size, max_seq_len, attention.n_kv_heads,
                                          attention.head_dim, self.dtype, self.device)
         self.rope = rope_tables(self.args, max_seq_len, self.device)
+        self._share_rope()
+
+    def _share_rope(self) -> None:
+        for layer in self.layers:
+            layer.attention.rope_table = self.rope
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # .to() / .cuda() replace the rope buffer: the attention modules' references follow it
+        result = super()._apply(fn, recurse)
+        self._share_rope()
+        return result
 
     def forward(self, tokens: Tensor, input_pos: Tensor, kv_len: int | None = None,
                 logits_index: Tensor | None = None) -> Tensor:

@@ -7,6 +7,7 @@ defined). Float32 only: the interpreter's bfloat16 dots are not exact. Prints on
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,51 @@ def check_moe(name: str, config: moe.MoEConfig, shapes: list[tuple[int, ...]],
               f"int8 {error_int8:.1e}")
         assert error < TOLERANCE and error_int8 < TOLERANCE, name
 
+
+
+def check_half2_gate_up() -> None:
+    """The int8 decode gate_up with float16 products (MoEConfig.gemv_int8_half2) for 16-bit activations,
+    whole fused_moe against the float32 reference: row-major and blocked w1 / w3, masked rows and
+    columns, no-expert slots (id -1), x of any magnitude (the kernel scales each row by a power of
+    two), x of zeros, and the worst case for overflow (every weight -128, x at its maximum everywhere)."""
+    gemv = dict(gemv_max_slots=1 << 30, gemv_block_d=64, gemv_down_block_i=64)
+    bound = 4e-3  # a 16-bit path: x and h rounded to 16 bits, products summed in float16 over the loop
+    # |x| from large to small (h ~ x**2 must stay within float16's range for float16 activations)
+    for dtype, large, small in ((torch.float16, 50.0, 1e-2), (torch.bfloat16, 1e4, 1e-4)):
+        for shape, block, magnitude in [((3, 5, 3, 96, 200), None, 1.0), ((1, 8, 2, 64, 256), (4, 32), large),
+                                        ((2, 6, 2, 40, 130), None, small), ((1, 4, 2, 64, 512), (8, 64), 3.0)]:
+            x, w1, w2, w3, weights, ids = moe_inputs(*shape, seed=sum(shape))
+            x = (x * magnitude).to(dtype)
+            (q1, s1), (q2, s2), (q3, s3) = (quantize_per_channel(w) for w in (w1, w2, w3))
+            w13 = [q if block is None else moe.block_rows(q, block) for q in (q1, q3)]
+            expected = moe.reference_moe(x, q1, q2, q3, weights, ids, scales=(s1, s2, s3))
+            errors = {}
+            for half2 in (True, False):
+                got = moe.fused_moe(x, w13[0], q2, w13[1], weights.to(dtype), ids, scales=(s1, s2, s3),
+                                    config=moe.MoEConfig(gemv_int8_half2=half2, **gemv), w13_block=block)
+                errors[half2] = relative_error(got, expected)
+            print(f"half2 gate_up {dtype} {shape} blocks {block} |x| ~{magnitude:g}: {errors[True]:.1e} "
+                  f"(float32 products {errors[False]:.1e})")
+            assert errors[True] < bound and errors[False] < bound, errors
+    # The largest sums: every weight -128 and x at its maximum everywhere, so each float16 element adds
+    # 128 * X_LIMIT per iteration (8 of them here): finite, within float16's rounding.
+    tokens, experts, dim, inter = 1, 2, 512, 16
+    x = torch.full((tokens, dim), -3.0e4, dtype=torch.float16)
+    w13 = torch.full((experts, inter, dim), -128, dtype=torch.int8)
+    scale = torch.full((experts, inter), 1e-7)
+    h = torch.empty(tokens, inter, dtype=torch.float32)
+    moe._gate_up_gemv_kernel[(1, inter // 8)](
+        x, w13, w13, scale, scale, h, torch.tensor([1]), 1, 0, dim, inter, x.stride(0), w13.stride(0),
+        w13.stride(1), scale.stride(0), h.stride(0), HAS_SCALES=True, MAGIC=True, BLOCK_I=8, BLOCK_D=64,
+        PERSISTENT=False, HALF2=True, X_BLOCK=512, X_LIMIT=moe.half2_x_limit(dim, 64))
+    gate = 128 * 3.0e4 * dim * 1e-7  # up == gate; h = silu(gate) * up
+    assert torch.allclose(h, torch.full_like(h, gate * gate / (1 + math.exp(-gate))), rtol=bound), h
+    ones = torch.ones(experts, inter, dim, dtype=torch.int8)
+    got = moe.fused_moe(torch.zeros(tokens, dim, dtype=torch.bfloat16), ones, ones.transpose(1, 2).contiguous(),
+                        ones, torch.ones(tokens, 1, dtype=torch.bfloat16), torch.tensor([[1]]),
+                        scales=(scale, torch.ones(experts, dim), scale), config=moe.MoEConfig(**gemv))
+    assert torch.equal(got, torch.zeros_like(got)), got
+    print("half2 gate_up: the largest sums stay finite, x of zeros gives zeros")
 
 def check_block_end() -> None:
     """The gemv path ending the block (fused_moe's `end`: residual + the experts' sum and its RMSNorm) and
@@ -226,11 +272,12 @@ def check_decode_attention() -> None:
 
         qkv = torch.randn(batch, (heads + 2 * kv_heads) * head_dim, generator=generator)
         positions = lengths_t - 1
-        rope = torch.randn(slots, head_dim // 2, 2, generator=generator)[positions]
+        table = torch.randn(slots, head_dim // 2, 2, generator=generator)
+        rope = table[positions]
         caches = [torch.randn(batch + 1, kv_heads, slots, head_dim, generator=generator) for _ in range(2)]
         expected_caches = [c.clone() for c in caches]
-        got = attention.rope_cache_attention(qkv, rope[..., 0], rope[..., 1], *caches, positions, heads, kv_heads,
-                                             head_dim, window, block_s=16, min_chunk=min_chunk)
+        got = attention.rope_cache_attention(qkv, table[..., 0], table[..., 1], *caches, positions, heads,
+                                             kv_heads, head_dim, window, block_s=16, min_chunk=min_chunk)
         rotated_q = attention.reference_rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *expected_caches,
                                                              positions, heads, kv_heads, head_dim)
         expected = attention.reference_decode_attention(rotated_q, *(c[:batch] for c in expected_caches), lengths_t,
@@ -255,6 +302,9 @@ def check_model_decode_step(rows: int = 2, experts: bool = False) -> None:
     modules = (attention, router, linear, moe) if experts else (attention, router, linear)
     available = {module: module.available for module in modules}
     logits = {}
+    fused_calls = []
+    fused_attention = attention.rope_cache_attention
+    attention.rope_cache_attention = lambda *a, **k: fused_calls.append(a[1].shape) or fused_attention(*a, **k)
     try:
         with torch.no_grad():
             for kernels in (False, True):
@@ -266,8 +316,11 @@ def check_model_decode_step(rows: int = 2, experts: bool = False) -> None:
                 model(tokens[:, :8], torch.arange(8).repeat(rows, 1))
                 logits[kernels] = model(tokens[:, 8:], torch.tensor([[8], [3]])[:rows])
     finally:
+        attention.rope_cache_attention = fused_attention
         for module, function in available.items():
             module.available = function
+    # the decode step took the fused kernel in every layer, given the whole rotary table (cos [32, 8])
+    assert fused_calls == [torch.Size([32, args.head_dim // 2])] * args.n_layers, fused_calls
     error = relative_error(logits[True], logits[False])
     print(f"model decode step of {rows} rows with the kernels{' and experts' if experts else ''}: {error:.1e}")
     assert error < TOLERANCE
@@ -395,6 +448,7 @@ def main() -> None:
                                                **small_tiles), [(3, 5, 3, 96, 200)], block=(4, 32))
     check_moe("gemv", moe.MoEConfig(**gemv), [(3, 5, 3, 96, 200)], block=(4, 32))
     check_moe("gemv pipelined", moe.MoEConfig(gemv_stages=3, **gemv), [(3, 5, 3, 96, 200)], block=(4, 32))
+    check_half2_gate_up()
     check_block_end()
     check_rows_to_fp16()
     check_grouped_int8_fp16()

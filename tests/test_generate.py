@@ -409,3 +409,22 @@ def test_greedy_and_sampled_batches_share_one_traced_decode_step(checkpoint: Pat
     # on the CPU, 4 rows of this model switch from gathered to dense experts and compile once more).
     assert counter.frame_count == 2
     torch._dynamo.reset()
+
+
+def test_attention_modules_read_the_models_current_rope_table() -> None:
+    """The decode kernel reads the rotary table through each Attention module (rope_cache_attention takes
+    the whole table): the modules must hold the model's table after setup_caches and after .to()."""
+    from gpt_fast_mixtral.config import ModelArgs
+    from gpt_fast_mixtral.model import Transformer
+
+    args = ModelArgs(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                     num_experts=5, num_experts_per_tok=2)
+    model = Transformer(args)
+    assert all(layer.attention.rope_table is None for layer in model.layers)
+    model.setup_caches(1, 32)
+    assert model.rope.shape == (32, 8, 2)
+    for convert in (lambda m: m.to(torch.float64), lambda m: m.float()):
+        before = model.rope
+        model = convert(model)
+        assert model.rope is not before
+        assert all(layer.attention.rope_table is model.rope for layer in model.layers)

@@ -49,6 +49,8 @@ SHAPES = [  # tokens, experts, top_k, dim, intermediate (odd sizes exercise ever
 # GEMM kernels for prefill (small tiles here, so
 # that an expert spans several token tiles).
 PATHS = {"tiled": MoEConfig(gemv_max_slots=0), "gemv": MoEConfig(gemv_max_slots=1 << 30),
+         # int8 gate_up with bfloat16 activations: float32 products (the default takes float16 ones)
+         "gemv_f32_products": MoEConfig(gemv_max_slots=1 << 30, gemv_int8_half2=False),
          # 7 programs looping over all the tiles (the persistent grid)
          "gemv_persistent": MoEConfig(gemv_max_slots=1 << 30, gemv_programs=7),
          # loads a few loop iterations ahead (cp.async through shared memory), short row blocks
@@ -173,6 +175,25 @@ def test_int8_fp16_experts_take_activations_of_any_magnitude(path, magnitude):
     assert relative_error(got, expected) < 1e-2
     assert relative_error(got, bf16.float()) < 1e-2
 
+
+@pytest.mark.parametrize("block", [None, (8, 512)])
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e6])
+def test_half2_gate_up_takes_activations_of_any_magnitude(magnitude, block):
+    """The one-token int8 gate_up with float16 products (MoEConfig.gemv_int8_half2) at Mixtral's hidden size,
+    x with an outlier 50 times the rest: each row is scaled by a power of two into float16, so results
+    stay finite and as close to the float32 reference as the float32 products' kernel."""
+    x, w1, w2, w3, weights, indices = make_inputs(1, 8, 2, 4096, 1024, torch.bfloat16, seed=9)
+    x = x.float() * magnitude
+    x[0, 7] *= 50
+    x = x.to(torch.bfloat16)
+    (q1, s1), (q2, s2), (q3, s3) = (quantize_per_channel(w) for w in (w1, w2, w3))
+    w13 = [q if block is None else block_rows(q, block) for q in (q1, q3)]
+    expected = reference_moe(x, q1, q2, q3, weights, indices, scales=(s1, s2, s3))
+    results = [fused_moe(x, w13[0], q2, w13[1], weights, indices, scales=(s1, s2, s3), w13_block=block,
+                         config=MoEConfig(gemv_int8_half2=half2)) for half2 in (True, False)]
+    assert torch.isfinite(results[0]).all()
+    errors = [relative_error(result, expected) for result in results]
+    assert errors[0] < 5e-3 and errors[0] < 2 * errors[1] + 1e-3, errors
 
 @pytest.mark.parametrize("slots,experts,top_k,block_m", [(4096, 8, 2, 128), (16384, 8, 2, 128), (999, 7, 3, 64),
                                                        (5, 8, 1, 128)])
@@ -403,8 +424,8 @@ def test_rope_cache_attention_matches_reference(shape, window, dtype):
     caches = [torch.randn(cache_rows, n_kv_heads, slots, head_dim, device="cuda", generator=generator).to(dtype)
               for _ in range(2)]
     expected_caches = [c.clone() for c in caches]
-    got = rope_cache_attention(qkv, rope[..., 0], rope[..., 1], *caches, positions, n_heads, n_kv_heads, head_dim,
-                               window)
+    got = rope_cache_attention(qkv, table[..., 0], table[..., 1], *caches, positions, n_heads, n_kv_heads,
+                               head_dim, window)
     rotated_q = reference_rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *expected_caches, positions,
                                                n_heads, n_kv_heads, head_dim)
     expected = reference_decode_attention(rotated_q, *(c[:batch] for c in expected_caches), positions + 1, window)

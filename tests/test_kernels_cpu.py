@@ -198,6 +198,31 @@ def test_matrix_vector_expert_kernels_compile(persistent: bool, blocked: bool, s
         assert_pdl(down.asm["ptx"], prefetch=not persistent)
 
 
+
+@pytest.mark.parametrize("pdl_on", [False, True])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_half2_gate_up_kernel_compiles_to_f16x2_products(blocked: bool, pdl_on: bool) -> None:
+    """MoEConfig.gemv_int8_half2's gate_up at Mixtral's shape: int8 -> f16x2 by int8_to_fp16, products by
+    fma.rn.f16x2 (no float32 FMAs in the loop), 16-byte weight loads, no spills (72 registers with Triton
+    3.6: 8-row programs, 7 per SM)."""
+    config = moe.MoEConfig()
+    blocks = dict(zip(("BR", "BC"), INT8_W13_BLOCK if blocked else (0, 0), strict=True))
+    block_d = min(config.gemv_block_d, config.gemv_half2_block_d, INT8_W13_BLOCK[1] if blocked else 1 << 30)
+    compiled = compile_for_hopper(
+        moe._gate_up_gemv_kernel, ["*bf16", "*i8", "*i8", "*bf16", "*bf16", "*bf16", "*i32", "i32", "i32", "i32",
+                                   "i32", "i32", "i64", "i32", "i32", "i32"],
+        dict(BLOCK_I=config.gemv_half2_block_i, BLOCK_D=block_d, HAS_SCALES=True, MAGIC=True, PERSISTENT=False,
+             STAGES=1, PDL=pdl_on, HALF2=True, X_BLOCK=4096, X_LIMIT=moe.half2_x_limit(4096, block_d), **blocks),
+        num_warps=config.gemv_warps, num_stages=1)
+    ptx = compiled.asm["ptx"]
+    assert "fma.rn.f16x2" in ptx and "sub.f16x2" in ptx and "0x6480" in ptx.lower()  # int8_to_fp16's bias
+    assert "fma.rn.f32" not in ptx and "cvt.s32.s8" not in ptx
+    assert_wide_weight_loads(ptx, 1)
+    if pdl_on:
+        assert_pdl(ptx)
+    usage = resource_usage(compiled.asm["cubin"])
+    assert usage["LOCAL"] == 0 and usage["REG"] <= 96, usage
+
 def assert_wide_weight_loads(ptx: str, stages: int) -> None:
     """16-byte weight loads (anything narrower leaves a matrix-vector product short of bandwidth): into
     registers, or with stages > 1 as asynchronous copies into shared memory a few iterations ahead."""

@@ -70,6 +70,12 @@ def test_gate_up_programs_take_fewer_rows_when_a_shard_has_few(inter: int, w13_b
     assert gemv_rows(inter, MoEConfig(), w13_block) == rows
 
 
+
+@pytest.mark.parametrize(("inter", "rows"), [(14336, 8), (7168, 8), (3584, 8), (1792, 4), (100, 4)])
+def test_half2_gate_up_programs_take_eight_rows_or_fewer(inter: int, rows: int) -> None:
+    """int8 gate_up with float16 products (MoEConfig.gemv_int8_half2): 8-row programs, halved as the others."""
+    assert gemv_rows(inter, MoEConfig(), (8, 512), half2=True) == rows
+
 def mixtral_stages(world_size: int, weight_bytes: int, config: MoEConfig) -> tuple[int, int]:
     """gemv_stages_for at one rank's shape of Mixtral-8x7B's experts (batch 1: two slots)."""
     inter = 14336 // world_size

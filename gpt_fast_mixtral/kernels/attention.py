@@ -59,7 +59,7 @@ if triton is not None:
     def _decode_attention_kernel(
             q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, cos_ptr, sin_ptr,
             window, head_dim, stride_qb, stride_qh, stride_len, stride_kb, stride_kh, stride_ks, stride_ob,
-            stride_oh, stride_pb, stride_ph, stride_count, stride_cos_b, stride_cos_d, stride_sin_b, stride_sin_d,
+            stride_oh, stride_pb, stride_ph, stride_count, stride_cos_p, stride_cos_d, stride_sin_p, stride_sin_d,
             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr,
             SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
             ROPE: tl.constexpr, PDL: tl.constexpr = False, RELEASE_AFTER_WAIT: tl.constexpr = False):
@@ -71,9 +71,10 @@ if triton is not None:
 
         Heads are handled as two halves of BLOCK_HALF columns (the rotary embedding's half-split layout).
         ROPE: q_ptr holds each row's qkv projection ([Hq + 2 Hkv] heads of head_dim); the query heads are
-        rotated here (cos / sin [B, head_dim / 2]), and the chunk holding the row's new position (len_ptr
-        holds positions: length = position + 1) first writes the rotated key and the value into the
-        caches. Otherwise q_ptr holds the rotated queries [B, Hq, head_dim] and len_ptr the lengths.
+        rotated here (cos / sin: the rotary tables [positions, head_dim / 2], read at the row's position),
+        and the chunk holding the row's new position (len_ptr holds positions: length = position + 1)
+        first writes the rotated key and the value into the caches. Otherwise q_ptr holds the rotated
+        queries [B, Hq, head_dim] and len_ptr the lengths.
         PDL: launched with programmatic dependent launch (kernels.pdl); RELEASE_AFTER_WAIT: the next kernel
         (the output projection) is let in only once this one's wait is over, so the weight loads that it
         issues before its own wait (kernels.linear's preloading kernel) fill the memory's idle time during
@@ -109,8 +110,9 @@ if triton is not None:
             q2 = tl.load(q_rows + half, mask=q_mask, other=0.0)
             kv_base = b * stride_kb + kv_head.to(tl.int64) * stride_kh
             if ROPE:
-                cos = tl.load(cos_ptr + b * stride_cos_b + offs_h * stride_cos_d, mask=mask_h, other=0.0)
-                sin = tl.load(sin_ptr + b * stride_sin_b + offs_h * stride_sin_d, mask=mask_h, other=0.0)
+                position = (length - 1).to(tl.int64)
+                cos = tl.load(cos_ptr + position * stride_cos_p + offs_h * stride_cos_d, mask=mask_h, other=0.0)
+                sin = tl.load(sin_ptr + position * stride_sin_p + offs_h * stride_sin_d, mask=mask_h, other=0.0)
                 cos, sin = cos.to(tl.float32), sin.to(tl.float32)
                 r1, r2 = _rotate(q1, q2, cos[None, :], sin[None, :])
                 q1, q2 = r1.to(q1.dtype), r2.to(q1.dtype)
@@ -255,10 +257,13 @@ def rope_cache_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
                          positions: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None = None,
                          counters: Tensor | None = None, block_s: int = 64, target_programs: int = 512,
                          min_chunk: int = 256, release_after_wait: bool = False) -> Tensor:
-    """A decode step's attention in one kernel: rotate q and k of qkv [B, (Hq + 2 Hkv) * D] with cos, sin
-    [B, D / 2] (any strides), write k and v at positions [B] of k/v_cache [B', Hkv, S, D] (in place) and
-    attend to each row's slots up to its position: what reference_rope_and_cache_write then
+    """A decode step's attention in one kernel: rotate q and k of qkv [B, (Hq + 2 Hkv) * D] with row
+    positions[b] of the rotary tables cos, sin [P, D / 2] (any strides; model.rope_tables' two halves), write
+    k and v at positions [B] of k/v_cache [B', Hkv, S, D] (in place) and attend to each row's slots up to
+    its position: what reference_rope_and_cache_write (with cos[positions], sin[positions]) then
     reference_decode_attention (lengths = positions + 1) give. Returns [B, Hq, D] in qkv's dtype.
+    The tables are read by the kernel, not gathered before it: in a compiled step Inductor copied a
+    gathered row into its own buffer for every layer's call (16 extra kernels a Mixtral step).
     release_after_wait: with PDL, the next kernel's programs are let in after this kernel's wait rather than
     first thing (for an output projection that loads its whole weight before its own wait)."""
     if qkv.shape[-1] != (n_heads + 2 * n_kv_heads) * head_dim or k_cache.shape[1] != n_kv_heads:

@@ -12,6 +12,7 @@ The k partial rows are summed at the end. An expert no token chose costs one loa
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -100,6 +101,23 @@ if triton is not None:
         if MAGIC and w.dtype == tl.int8 and dtype == tl.float16 and _INLINE_PTX:
             return int8_to_fp16(w)
         return w.to(dtype)
+
+    @triton.jit
+    def fma_f16x2(a, b, c):
+        """a * b + c in float16, two elements per instruction (HFMA2) where inline PTX runs."""
+        if _INLINE_PTX:
+            return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+        return a * b + c
+
+    @triton.jit
+    def pow2_scale(x_max, LIMIT: tl.constexpr):
+        """(2**-e, 2**e) for the smallest integer e with x_max * 2**-e <= LIMIT (a power of two): from the
+        float32 exponent and mantissa bits of x_max / LIMIT, exact (e >= -100, for x_max 0 or tiny)."""
+        bits = (x_max / LIMIT).to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        e = tl.maximum(e, -100)
+        return ((127 - e) << 23).to(tl.float32, bitcast=True), ((127 + e) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _w13_rows(expert, rows, dim, stride_we, stride_wi, BR: tl.constexpr, BC: tl.constexpr):
@@ -391,27 +409,104 @@ if triton is not None:
         tl.store(h_ptr + tl.cast(slot, tl.int64) * stride_h + offs_i, h.to(h_ptr.dtype.element_ty), mask=mask_i)
 
     @triton.jit
+    def _gate_up_gemv_tile_half2(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, slot, i_block,
+                                 dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
+                                 HAS_SCALES: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BR: tl.constexpr, BC: tl.constexpr, X_BLOCK: tl.constexpr, X_LIMIT: tl.constexpr):
+        """_gate_up_gemv_tile for int8 weights and 16-bit x, with float16 products (MoEConfig.gemv_int8_half2):
+        the row x is scaled by a power of two into float16 (|x| <= X_LIMIT: the caller picks it so that
+        the products of one column over the whole loop cannot overflow float16), the weights converted by
+        int8_to_fp16 (dequant), and each element's products summed over the loop by fma_f16x2 (two a thread
+        instruction; the float32 kernel spends one per product plus 2.25 for the conversion). Each
+        program's columns are summed in float32 once, after the loop. The first tile's weights are
+        loaded before the row's maximum is taken (x's reduction then overlaps their latency)."""
+        offs_i = i_block * BLOCK_I + tl.arange(0, BLOCK_I)
+        mask_i = offs_i < inter
+        expert = tl.load(experts_ptr + slot).to(tl.int64)
+        dim_end = tl.where(expert < 0, 0, dim)  # no expert (expert parallelism): no loads, h = 0
+        expert = tl.maximum(expert, 0)
+        token = tl.cast(slot // top_k, tl.int64)
+        w_base = _w13_rows(expert, offs_i, dim, stride_we, stride_wi, BR, BC)[:, None]
+        offs_d = tl.arange(0, BLOCK_D)
+        w_mask = mask_i[:, None] & (offs_d < dim_end)[None, :]
+        w1 = tl.load(w1_ptr + w_base + offs_d[None, :], mask=w_mask, other=0)
+        w3 = tl.load(w3_ptr + w_base + offs_d[None, :], mask=w_mask, other=0)
+        x_row = x_ptr + token * stride_x
+        x_max = 0.0
+        for c0 in range(0, dim_end, X_BLOCK):
+            offs_c = c0 + tl.arange(0, X_BLOCK)
+            chunk = tl.load(x_row + offs_c, mask=offs_c < dim, other=0.0).to(tl.float32)
+            x_max = tl.maximum(x_max, tl.max(tl.abs(chunk), axis=0))
+        x_down, x_up = pow2_scale(x_max, X_LIMIT)
+        x = (tl.load(x_row + offs_d[None, :], mask=(offs_d < dim)[None, :], other=0.0).to(tl.float32)
+             * x_down).to(tl.float16)
+        zeros = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float16)
+        gate = fma_f16x2(dequant(w1, tl.float16, True), tl.broadcast_to(x, (BLOCK_I, BLOCK_D)), zeros)
+        up = fma_f16x2(dequant(w3, tl.float16, True), tl.broadcast_to(x, (BLOCK_I, BLOCK_D)), zeros)
+        for d0 in range(BLOCK_D, dim_end, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < dim
+            x = (tl.load(x_row + offs_d[None, :], mask=mask_d[None, :], other=0.0).to(tl.float32)
+                 * x_down).to(tl.float16)
+            w_offsets = w_base + (_w13_col(d0, BLOCK_D, BR, BC) + tl.arange(0, BLOCK_D))[None, :]
+            if BR == 0:
+                w_mask = mask_i[:, None] & mask_d[None, :]
+                w1 = tl.load(w1_ptr + w_offsets, mask=w_mask, other=0)
+                w3 = tl.load(w3_ptr + w_offsets, mask=w_mask, other=0)
+            else:  # blocks tile the weights (check_block) and BLOCK_I divides the rows (_fused_moe_gemv)
+                w1 = tl.load(w1_ptr + w_offsets)
+                w3 = tl.load(w3_ptr + w_offsets)
+            gate = fma_f16x2(dequant(w1, tl.float16, True), tl.broadcast_to(x, (BLOCK_I, BLOCK_D)), gate)
+            up = fma_f16x2(dequant(w3, tl.float16, True), tl.broadcast_to(x, (BLOCK_I, BLOCK_D)), up)
+        gate = tl.sum(gate.to(tl.float32), axis=1) * x_up
+        up = tl.sum(up.to(tl.float32), axis=1) * x_up
+        if HAS_SCALES:
+            gate *= tl.load(s1_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+            up *= tl.load(s3_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+        h = gate * tl.sigmoid(gate) * up
+        tl.store(h_ptr + tl.cast(slot, tl.int64) * stride_h + offs_i, h.to(h_ptr.dtype.element_ty), mask=mask_i)
+
+    @triton.jit
     def _gate_up_gemv_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, num_tiles,
                              dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
                              HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, BLOCK_I: tl.constexpr,
                              BLOCK_D: tl.constexpr, PERSISTENT: tl.constexpr, BR: tl.constexpr = 0,
-                             BC: tl.constexpr = 0, STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
+                             BC: tl.constexpr = 0, STAGES: tl.constexpr = 1, PDL: tl.constexpr = False,
+                             HALF2: tl.constexpr = False, X_BLOCK: tl.constexpr = 0,
+                             X_LIMIT: tl.constexpr = 0.0):
         """One (token, k) slot per program row. Grid (slots, row blocks); PERSISTENT: a 1-D grid of fewer
         programs, each looping over (slot, row block) tiles (num_tiles of them). PDL (kernels.pdl): waits,
-        then releases the down kernel, which reads the expert ids before its own wait."""
+        then releases the down kernel, which reads the expert ids before its own wait. HALF2: the tiles
+        of _gate_up_gemv_tile_half2 (int8 weights, 16-bit x; STAGES unused)."""
         pdl_wait(PDL)
         pdl_release(PDL)
         if PERSISTENT:
             i_blocks = tl.cdiv(inter, BLOCK_I)
             for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-                _gate_up_gemv_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
-                                   tile // i_blocks, tile % i_blocks, dim, inter, stride_x, stride_we,
-                                   stride_wi, stride_se, stride_h, HAS_SCALES, MAGIC, BLOCK_I, BLOCK_D, BR, BC,
-                                   STAGES)
+                _gate_up_gemv_any_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
+                                       tile // i_blocks, tile % i_blocks, dim, inter, stride_x, stride_we,
+                                       stride_wi, stride_se, stride_h, HAS_SCALES, MAGIC, BLOCK_I, BLOCK_D, BR,
+                                       BC, STAGES, HALF2, X_BLOCK, X_LIMIT)
         else:
-            _gate_up_gemv_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
-                               tl.program_id(0), tl.program_id(1), dim, inter, stride_x, stride_we, stride_wi,
-                               stride_se, stride_h, HAS_SCALES, MAGIC, BLOCK_I, BLOCK_D, BR, BC, STAGES)
+            _gate_up_gemv_any_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k,
+                                   tl.program_id(0), tl.program_id(1), dim, inter, stride_x, stride_we, stride_wi,
+                                   stride_se, stride_h, HAS_SCALES, MAGIC, BLOCK_I, BLOCK_D, BR, BC, STAGES,
+                                   HALF2, X_BLOCK, X_LIMIT)
+
+    @triton.jit
+    def _gate_up_gemv_any_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, slot, i_block,
+                               dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
+                               HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, BLOCK_I: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, STAGES: tl.constexpr,
+                               HALF2: tl.constexpr, X_BLOCK: tl.constexpr, X_LIMIT: tl.constexpr):
+        if HALF2:
+            _gate_up_gemv_tile_half2(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, slot,
+                                     i_block, dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
+                                     HAS_SCALES, BLOCK_I, BLOCK_D, BR, BC, X_BLOCK, X_LIMIT)
+        else:
+            _gate_up_gemv_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, slot, i_block,
+                               dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h, HAS_SCALES, MAGIC,
+                               BLOCK_I, BLOCK_D, BR, BC, STAGES)
 
     @triton.jit
     def _down_gemv_tile(h_ptr, w2_ptr, s2_ptr, y_ptr, experts_ptr, routing_ptr, slot, o_block, split,
@@ -661,6 +756,15 @@ class MoEConfig:
     # benchmarks/results/h200_sweep_session8.log); down tiles as they were (every other shape tried there
     # was slower).
     gemv_blocked_block_i: int = 16
+    # int8 gate_up for bfloat16 / float16 activations with float16 products (_gate_up_gemv_tile_half2), in
+    # programs of gemv_half2_block_i rows (before the halving below). H200, Mixtral-8x7B's gate_up of two
+    # experts, 8 layers in a CUDA graph (session 19, results/gate_up_half2_micro_session19.py): 57.9 us
+    # against 60.5 / 61.8 for the float32 kernel's 16-row programs in the same call; 16-row half2 programs
+    # 62.3 (128 registers a thread against 72 for 8 rows). Relative error against a float32 product
+    # 1.9e-3, as the float32 kernel's after its bfloat16 output (1.7e-3).
+    gemv_int8_half2: bool = True
+    gemv_half2_block_i: int = 8
+    gemv_half2_block_d: int = 512  # 1024 (row-major storage's width) takes 164 registers a thread
     # ... halved (down to gemv_min_block_i) while a slot would get fewer row blocks than this: a
     # tensor-parallel rank's experts have I / W rows, which in 16-row programs leave the GPU short of loads
     # in flight. H200, int8 (bf16) MoE layer at one rank's shape (benchmarks/sweep_tp_shapes.py, session 10):
@@ -826,7 +930,8 @@ def _moe_decode(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, 
     h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     has_scales = scales is not None
     s1, s2, s3 = scales if has_scales else (w1, w2, w3)
-    block_i = gemv_rows(inter, c, w13_block)
+    half2 = gemv_half2(c, w1, x)
+    block_i = gemv_rows(inter, c, w13_block, half2)
     block_o, split = gemv_down_tile(c, w2.element_size())
     i_blocks, o_blocks = triton.cdiv(inter, block_i), triton.cdiv(dim, block_o)
     persistent = c.gemv_programs > 0
@@ -834,12 +939,18 @@ def _moe_decode(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, 
     gate_up_stages, down_stages = gemv_stages_for(c, w1.element_size(), slots * i_blocks, block_i, down_iterations)
     gate_up_tiles, down_tiles = slots * i_blocks, slots * o_blocks * split
     use_pdl = pdl.active(x)
+    block_d = _block_cols(c.gemv_block_d, w13_block)
+    half2_args = {}
+    if half2:
+        block_d = min(block_d, c.gemv_half2_block_d)
+        half2_args = dict(HALF2=True, X_BLOCK=min(triton.next_power_of_2(dim), 4096),
+                          X_LIMIT=half2_x_limit(dim, block_d))
     _gate_up_gemv_kernel[(min(gate_up_tiles, c.gemv_programs),) if persistent else (slots, i_blocks)](
         x, w1, w3, s1, s3, h, experts, top_k, gate_up_tiles,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
-        HAS_SCALES=has_scales, MAGIC=c.int8_magic, BLOCK_I=block_i,
-        BLOCK_D=_block_cols(c.gemv_block_d, w13_block), PERSISTENT=persistent, **_block_args(w13_block),
-        STAGES=gate_up_stages, PDL=use_pdl, num_warps=c.gemv_warps, **pdl.launch_options(use_pdl))
+        HAS_SCALES=has_scales, MAGIC=c.int8_magic, BLOCK_I=block_i, BLOCK_D=block_d, PERSISTENT=persistent,
+        **_block_args(w13_block), STAGES=gate_up_stages, PDL=use_pdl, **half2_args, num_warps=c.gemv_warps,
+        **pdl.launch_options(use_pdl))
     y = torch.empty(split, slots, dim, dtype=torch.float32, device=x.device)
     _down_gemv_kernel[(min(down_tiles, c.gemv_programs),) if persistent else (slots, o_blocks, split)](
         h, w2, s2, y, experts, routing, down_tiles,
@@ -951,15 +1062,33 @@ def gemv_stages_for(config: MoEConfig, weight_bytes: int, gate_up_programs: int,
     return gate_up, 3 if down_iterations >= 6 else 2 if down_iterations >= 4 else 1
 
 
-def gemv_rows(inter: int, config: MoEConfig = DEFAULT_CONFIG, w13_block: tuple[int, int] | None = None) -> int:
+def gemv_rows(inter: int, config: MoEConfig = DEFAULT_CONFIG, w13_block: tuple[int, int] | None = None,
+              half2: bool = False) -> int:
     """Rows of w1 / w3 per gate_up matrix-vector program for experts of `inter` rows, stored row-major or
-    in `w13_block` blocks (see MoEConfig.gemv_min_row_blocks)."""
-    rows = config.gemv_block_i if w13_block is None else config.gemv_blocked_block_i
+    in `w13_block` blocks, or for the float16-product kernel with `half2` (see MoEConfig.gemv_min_row_blocks)."""
+    if half2:
+        rows = config.gemv_half2_block_i
+    else:
+        rows = config.gemv_block_i if w13_block is None else config.gemv_blocked_block_i
     while rows > config.gemv_min_block_i and -(-inter // rows) < config.gemv_min_row_blocks:
         rows //= 2
     if w13_block is not None and inter % rows:
         rows = w13_block[0]  # divides inter (check_block): the kernel reads blocked weights unmasked
     return rows
+
+
+def gemv_half2(config: MoEConfig, w1: Tensor, x: Tensor) -> bool:
+    """Whether gate_up takes the float16-product kernel (MoEConfig.gemv_int8_half2): int8 weights and 16-bit
+    activations (float32 ones keep the float32 kernel's precision)."""
+    return config.gemv_int8_half2 and w1.dtype == torch.int8 and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def half2_x_limit(dim: int, block_d: int) -> float:
+    """The largest power of two L for the half2 gate_up's scaled x (|x| <= L): each float16 element sums
+    one product (|w| <= 128) per loop iteration, and 128 * L * iterations stays within half of float16's
+    largest value (65504), whatever the weights."""
+    iterations = -(-dim // block_d)
+    return 2.0 ** math.floor(math.log2(32768 / (128 * iterations)))
 
 
 def group_slots(expert_ids: Tensor, num_experts: int, top_k: int, block_m: int) -> tuple[Tensor, ...]:
