@@ -1,9 +1,20 @@
 """Session 19: gate_up decode GEMV variants (int8 experts, Mixtral-8x7B, 2 routed experts, 8 layers rotated in one
-CUDA graph) against the package kernel: f16x2 products (HFMA2) summed per element over the loop, and tensor-core
-dots (mma) of the int8->fp16 tile with x."""
+CUDA graph) against the package kernel: f16x2 products (HFMA2) summed per element over the loop (mode 0: x
+converted to float16 beforehand; gate_up_h2x: bf16 x scaled per row inside the kernel, what landed as
+kernels.moe._gate_up_gemv_tile_half2), and tensor-core dots (mma, modes 1 and 2) of the int8->fp16 tile with x.
+Run from the repository root on a GPU: python3 benchmarks/results/gate_up_half2_micro_session19.py
+(set MODES / BIS / STS below: the first call swept modes 0-2, rows 8-64, 1-2 stages, 4-8 warps).
+Results (H200, torch 2.11.0+cu130, Triton 3.6), us per layer:
+  call 1: package (16 rows) 59.25 / 60.21; mode 0 rows 8: 58.14, rows 16: 59.55, rows 32: 61.1-63.3;
+          stages 2 slower everywhere; mma modes 72-395 (the converted tile goes through shared memory)
+  call 2: package 60.15 / 61.25; mode 0 rows 8: 57.90, rows 16: 60.84
+  call 3: package 60.48 / 61.80; mode 0 rows 8: 57.62; gate_up_h2x rows 8 4 warps 57.86, 2 warps 60.54,
+          rows 16 62.29, X_LIMIT 32 59.05
+Relative error against a float32 product of the same int8 weights: 1.9e-3 (float16 products), 1.7e-3
+(package, float32 products, bfloat16 output)."""
 import sys
 from pathlib import Path
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "benchmarks")]
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 import torch, triton, triton.language as tl
 from gpt_fast_mixtral.kernels import moe
 from gpt_fast_mixtral.kernels.moe import int8_to_fp16, _w13_rows, _w13_col
