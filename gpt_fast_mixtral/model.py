@@ -146,7 +146,7 @@ class Attention(nn.Module):
             out = attention_kernels.rope_cache_attention(
                 self.wqkv(x).view(batch, -1), table[..., 0], table[..., 1], cache.k_cache, cache.v_cache,
                 input_pos[:, 0], self.n_heads, self.n_kv_heads, self.head_dim, self.sliding_window, cache.counters,
-                release_after_wait=getattr(self.wo, "preloads_weight", False))
+                release_after_first_tile=getattr(self.wo, "preloads_weight", False))
             return self.wo(out.view(batch, 1, q_size))
         qkv = self.wqkv(x)
         v = qkv[..., q_size + kv_size:].view(batch, seq_len, self.n_kv_heads, self.head_dim)

@@ -59,7 +59,7 @@ class WeightOnlyInt8Linear(nn.Module):
     @property
     def preloads_weight(self) -> bool:
         """Whether one token takes preload_config (model.Attention then has the decode attention kernel let
-        this kernel's programs in only after its wait: kernels.attention.rope_cache_attention)."""
+        this kernel's programs in only once its first keys have arrived: kernels.attention.rope_cache_attention)."""
         return self.preload and self.preload_config is not None
 
     def forward(self, x: Tensor) -> Tensor:

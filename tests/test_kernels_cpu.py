@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 # Fused multiply-adds, as the Triton that runs on the GPUs (3.6) does by default; 3.9 warns unless told.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -242,17 +243,20 @@ def test_decode_kernels_compile() -> None:
                                 PDL=single_pass), num_warps=warps)
     compile_for_hopper(attention._rope_rows_kernel, ["*bf16", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32", "i32",
                                                      "i32", "i32", "i32", "i32"], dict(BLOCK_H=4, BLOCK_HALF=64))
-    for rope, release_after_wait in ((False, False), (True, False), (True, True)):
+    for rope, release_late in ((False, False), (True, False), (True, True)):
         compiled = compile_for_hopper(attention._decode_attention_kernel,
                                       ["*bf16", "*bf16", "*bf16", "*i64", "*bf16", "*fp32", "*fp32", "*fp32", "*i32",
                                        "*fp32", "*fp32"] + ["i32"] * 17,
                                       dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, BLOCK_HALF=64, SPLITS=64, MIN_CHUNK=256,
                                            SCALE=128 ** -0.5, PRECISION="tf32", ROPE=rope, PDL=rope,
-                                           RELEASE_AFTER_WAIT=release_after_wait), num_stages=2)
+                                           RELEASE_AFTER_FIRST_TILE=release_late), num_stages=2)
         if rope:
             ptx = compiled.asm["ptx"]
-            released_first = ptx.index("griddepcontrol.launch_dependents") < ptx.index("griddepcontrol.wait")
-            assert released_first != release_after_wait
+            release = ptx.index("griddepcontrol.launch_dependents")
+            assert ptx.count("griddepcontrol.launch_dependents") == 1
+            # late: after the wait and after the first tile's scores (the keys' tensor-core product)
+            assert (release > ptx.index("griddepcontrol.wait")) == release_late
+            assert (release > ptx.index("mma.sync")) == release_late
     for persistent, stages, defer, pdl_on in ((False, 1, False, False), (True, 1, False, False),
                                               (False, 3, False, False), (False, 3, True, False),
                                               (False, 3, True, True), (False, 1, False, True), (True, 1, False, True)):
@@ -311,3 +315,35 @@ def test_fused_push_all_reduce_sends_and_polls_16_bytes_at_a_time(dtype: str, ro
     assert "st.global.v4.b32" in ptx
     assert "ld.volatile.global.v4.b32" in ptx
     assert "ld.volatile.global.b16" not in ptx and "ld.volatile.global.b32" not in ptx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # gate_up's float32 / float16 products
+def test_gate_up_launch_names_every_kernel_parameter(dtype, monkeypatch) -> None:
+    """torch.compile's tracing of a user Triton kernel (the decode step without PDL) takes no defaults from
+    the kernel's signature: a launch must give every parameter, those with defaults too."""
+    launches = []
+
+    class Launched(Exception):
+        pass
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((args, kwargs))
+                raise Launched
+            return launch
+
+    kernel = moe._gate_up_gemv_kernel
+    monkeypatch.setattr(moe, "_gate_up_gemv_kernel", Spy())
+    experts, inter, dim = 3, 16, 64
+    w13 = torch.ones(experts, inter, dim, dtype=torch.int8)
+    w2 = torch.ones(experts, dim, inter, dtype=torch.int8)
+    scales = (torch.ones(experts, inter), torch.ones(experts, dim), torch.ones(experts, inter))
+    x = torch.randn(1, dim).to(dtype)
+    with pytest.raises(Launched):
+        moe._moe_decode(x, w13, w2, w13, torch.ones(2, dtype=dtype), torch.tensor([0, 2]), scales, moe.MoEConfig(),
+                        None, None)
+    (args, kwargs), = launches
+    assert kwargs["HALF2"] == (dtype == torch.bfloat16)
+    given = len(args) + len(set(kwargs) - {"num_warps", "num_stages", "launch_pdl"})
+    assert given == len(kernel.arg_names), (sorted(kwargs), kernel.arg_names)

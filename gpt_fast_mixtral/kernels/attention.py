@@ -62,7 +62,7 @@ if triton is not None:
             stride_oh, stride_pb, stride_ph, stride_count, stride_cos_p, stride_cos_d, stride_sin_p, stride_sin_d,
             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr,
             SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
-            ROPE: tl.constexpr, PDL: tl.constexpr = False, RELEASE_AFTER_WAIT: tl.constexpr = False):
+            ROPE: tl.constexpr, PDL: tl.constexpr = False, RELEASE_AFTER_FIRST_TILE: tl.constexpr = False):
         """Program (row b, kv head, split): the GROUP query heads sharing the kv head attend to one chunk
         of the row's filled slots [start, length). The chunk length is chosen per row from its length
         (>= MIN_CHUNK, at most SPLITS chunks), so a short row runs one program per kv head and writes its
@@ -75,15 +75,16 @@ if triton is not None:
         and the chunk holding the row's new position (len_ptr holds positions: length = position + 1)
         first writes the rotated key and the value into the caches. Otherwise q_ptr holds the rotated
         queries [B, Hq, head_dim] and len_ptr the lengths.
-        PDL: launched with programmatic dependent launch (kernels.pdl); RELEASE_AFTER_WAIT: the next kernel
-        (the output projection) is let in only once this one's wait is over, so the weight loads that it
-        issues before its own wait (kernels.linear's preloading kernel) fill the memory's idle time during
-        this kernel rather than compete with the qkv projection still running."""
-        if not RELEASE_AFTER_WAIT:
+        PDL: launched with programmatic dependent launch (kernels.pdl); RELEASE_AFTER_FIRST_TILE: the next
+        kernel (the output projection) is let in only once this program's first tile of cached keys has
+        arrived, not first thing: that kernel issues its whole weight's loads before its own wait
+        (kernels.linear's preloading kernel), and they would otherwise compete with the qkv projection still
+        running and queue ahead of this kernel's loads. H200, int8 Mixtral-8x7B batch 1, one call: 268.8 /
+        268.3 tok/s against 263.7 / 263.1 releasing right after the wait (session 18's choice) and 258.9
+        after the whole loop; 264.9 with wo not preloaded (benchmarks/NOTES.md, session 19)."""
+        if not RELEASE_AFTER_FIRST_TILE:
             pdl_release(PDL)
         pdl_wait(PDL)
-        if RELEASE_AFTER_WAIT:
-            pdl_release(PDL)
         b = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -144,6 +145,8 @@ if triton is not None:
                 v2 = tl.load(v_ptr + kv_offsets + half, mask=kv_mask, other=0.0)
                 scores = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
                 scores = tl.dot(q2, tl.trans(k2), scores, input_precision=PRECISION) * SCALE
+                if RELEASE_AFTER_FIRST_TILE and s0 == lo:  # the first keys are in: let the next kernel load
+                    pdl_release(PDL)
                 scores = tl.where(mask_s[None, :], scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=1))
                 alpha = tl.exp(m - m_new)
@@ -200,7 +203,7 @@ if triton is not None:
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window: int | None, n_heads: int,
             head_dim: int, counters: Tensor | None, rope: tuple[Tensor, Tensor] | None, block_s: int,
-            target_programs: int, min_chunk: int, release_after_wait: bool = False) -> Tensor:
+            target_programs: int, min_chunk: int, release_after_first_tile: bool = False) -> Tensor:
     batch = q.shape[0]
     n_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     if n_heads % n_kv_heads or head_dim % 2:
@@ -235,7 +238,7 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_S=block_s, BLOCK_HALF=block_half,
         SPLITS=splits, MIN_CHUNK=min_chunk, SCALE=1.0 / math.sqrt(head_dim),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # bf16 operands ignore it
-        ROPE=rope is not None, PDL=use_pdl, RELEASE_AFTER_WAIT=release_after_wait,
+        ROPE=rope is not None, PDL=use_pdl, RELEASE_AFTER_FIRST_TILE=release_after_first_tile,
         num_warps=4, num_stages=2, **pdl.launch_options(use_pdl))
     return out
 
@@ -256,7 +259,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tenso
 def rope_cache_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                          positions: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None = None,
                          counters: Tensor | None = None, block_s: int = 64, target_programs: int = 512,
-                         min_chunk: int = 256, release_after_wait: bool = False) -> Tensor:
+                         min_chunk: int = 256, release_after_first_tile: bool = False) -> Tensor:
     """A decode step's attention in one kernel: rotate q and k of qkv [B, (Hq + 2 Hkv) * D] with row
     positions[b] of the rotary tables cos, sin [P, D / 2] (any strides; model.rope_tables' two halves), write
     k and v at positions [B] of k/v_cache [B', Hkv, S, D] (in place) and attend to each row's slots up to
@@ -264,8 +267,9 @@ def rope_cache_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
     reference_decode_attention (lengths = positions + 1) give. Returns [B, Hq, D] in qkv's dtype.
     The tables are read by the kernel, not gathered before it: in a compiled step Inductor copied a
     gathered row into its own buffer for every layer's call (16 extra kernels a Mixtral step).
-    release_after_wait: with PDL, the next kernel's programs are let in after this kernel's wait rather than
-    first thing (for an output projection that loads its whole weight before its own wait)."""
+    release_after_first_tile: with PDL, the next kernel's programs are let in once each program's first tile
+    of cached keys has arrived rather than first thing (for an output projection that loads its whole
+    weight before its own wait)."""
     if qkv.shape[-1] != (n_heads + 2 * n_kv_heads) * head_dim or k_cache.shape[1] != n_kv_heads:
         raise ValueError(f"qkv [B, {(n_heads + 2 * n_kv_heads) * head_dim}] and caches of {n_kv_heads} kv heads "
                          f"expected, got {list(qkv.shape)} and {list(k_cache.shape)}")
@@ -276,25 +280,25 @@ def rope_cache_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
             counters = torch.zeros(qkv.shape[0], n_kv_heads, dtype=torch.int32, device=qkv.device)
         return torch.ops.gpt_fast_mixtral.rope_cache_attention(
             qkv, cos, sin, k_cache, v_cache, positions, counters, n_heads, head_dim, window or 0, block_s,
-            target_programs, min_chunk, release_after_wait)
+            target_programs, min_chunk, release_after_first_tile)
     return _attend(qkv, k_cache, v_cache, positions, window, n_heads, head_dim, counters, (cos, sin), block_s,
-                   target_programs, min_chunk, release_after_wait)
+                   target_programs, min_chunk, release_after_first_tile)
 
 
 @torch.library.custom_op("gpt_fast_mixtral::rope_cache_attention", mutates_args=("k_cache", "v_cache", "counters"))
 def _rope_cache_attention_op(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                              positions: Tensor, counters: Tensor, n_heads: int, head_dim: int, window: int,
                              block_s: int, target_programs: int, min_chunk: int,
-                             release_after_wait: bool) -> Tensor:
+                             release_after_first_tile: bool) -> Tensor:
     """rope_cache_attention launched by compiled code (kernels.pdl); window 0: none."""
     return _attend(qkv, k_cache, v_cache, positions, window or None, n_heads, head_dim, counters, (cos, sin),
-                   block_s, target_programs, min_chunk, release_after_wait)
+                   block_s, target_programs, min_chunk, release_after_first_tile)
 
 
 @_rope_cache_attention_op.register_fake
 def _(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, counters: Tensor,
       n_heads: int, head_dim: int, window: int, block_s: int, target_programs: int, min_chunk: int,
-      release_after_wait: bool) -> Tensor:
+      release_after_first_tile: bool) -> Tensor:
     return qkv.new_empty(qkv.shape[0], n_heads, head_dim)
 
 

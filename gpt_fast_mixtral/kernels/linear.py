@@ -242,15 +242,16 @@ HALF_CONFIG = LinearConfig(gemv_block_n=2, gemv_block_k=2048, gemv_pipelined_blo
 # The attention's output projection (quantize.WeightOnlyInt8Linear.preload): a whole weight fits in the
 # GPU's registers at once (Mixtral's wo, 16.8 MB: 4-row programs of one warp, 168 registers a thread with
 # Triton 3.6, 12 per SM: 6336 rows on 132 SMs), so with PDL it streams in while the nearly idle decode
-# attention runs (which lets its programs in after its own wait: attention.rope_cache_attention's
-# release_after_wait). H200, int8 wo [4096, 4096] behind 8 programs spinning 4.6 us, 32 in a CUDA graph
+# attention runs (which lets its programs in once its first tile of cached keys has arrived:
+# attention.rope_cache_attention's release_after_first_tile; session 18 let them in right after its
+# wait). H200, int8 wo [4096, 4096] behind 8 programs spinning 4.6 us, 32 in a CUDA graph
 # (session 18, results/h200_s18_preload_micro.log): 9.74 us a pair against 12.20 for the default plan (2
 # rows: 10.27, 1 row: 11.41). It does not pay where the kernel before is short: wqkv [6144, 4096] behind a
 # 2.1 us kernel 12.70 against 10.89. End to end the weight's loads then slow the attention down (its
 # critical-path share 4.4 -> 8.0 us against wo's 8.6 -> 4.0), so the step gains little: int8 Mixtral-8x7B
 # batch 1, one H200, three calls 254.3 / 259.7 / 256.1 + 254.5 tok/s against 251.5 + 251.7 / 256.8 / 254.3
-# + 254.1 without (scripts/benchmark.py --no-wo-preload); tp2 391.2 against 391.0 (results/*_s18*). Not
-# measured on an H100 (same SM count and register file).
+# + 254.1 without (scripts/benchmark.py --no-wo-preload); tp2 391.2 against 391.0 (results/*_s18*). With
+# the attention's later release (session 19, one call): 268.6 against 264.9 without the preload.
 PRELOAD_CONFIG = LinearConfig(gemv_preload_rows=4, gemv_preload_warps=1)
 
 

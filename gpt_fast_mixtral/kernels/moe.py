@@ -940,7 +940,9 @@ def _moe_decode(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, 
     gate_up_tiles, down_tiles = slots * i_blocks, slots * o_blocks * split
     use_pdl = pdl.active(x)
     block_d = _block_cols(c.gemv_block_d, w13_block)
-    half2_args = {}
+    # Every argument given, defaults too: torch.compile's tracing of a user kernel (the step without PDL)
+    # takes none from the signature.
+    half2_args = dict(HALF2=False, X_BLOCK=0, X_LIMIT=0.0)
     if half2:
         block_d = min(block_d, c.gemv_half2_block_d)
         half2_args = dict(HALF2=True, X_BLOCK=min(triton.next_power_of_2(dim), 4096),
