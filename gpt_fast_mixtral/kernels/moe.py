@@ -370,6 +370,16 @@ if triton is not None:
 
 
     @triton.jit
+    def _store_swiglu(gate, up, s1_ptr, s3_ptr, h_ptr, expert, slot, offs_i, mask_i, stride_se, stride_h,
+                      HAS_SCALES: tl.constexpr):
+        """h[slot, offs_i] = silu(gate) * up, the float32 sums scaled per row first (HAS_SCALES: int8)."""
+        if HAS_SCALES:
+            gate *= tl.load(s1_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+            up *= tl.load(s3_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+        h = gate * tl.sigmoid(gate) * up
+        tl.store(h_ptr + tl.cast(slot, tl.int64) * stride_h + offs_i, h.to(h_ptr.dtype.element_ty), mask=mask_i)
+
+    @triton.jit
     def _gate_up_gemv_tile(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, slot, i_block,
                            dim, inter, stride_x, stride_we, stride_wi, stride_se, stride_h,
                            HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -402,11 +412,7 @@ if triton is not None:
                 w3 = dequant(tl.load(w3_ptr + w_offsets), tl.float32, MAGIC)
             gate += tl.sum(w1 * x, axis=1)
             up += tl.sum(w3 * x, axis=1)
-        if HAS_SCALES:
-            gate *= tl.load(s1_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-            up *= tl.load(s3_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-        h = gate * tl.sigmoid(gate) * up
-        tl.store(h_ptr + tl.cast(slot, tl.int64) * stride_h + offs_i, h.to(h_ptr.dtype.element_ty), mask=mask_i)
+        _store_swiglu(gate, up, s1_ptr, s3_ptr, h_ptr, expert, slot, offs_i, mask_i, stride_se, stride_h, HAS_SCALES)
 
     @triton.jit
     def _gate_up_gemv_tile_half2(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, slot, i_block,
@@ -458,13 +464,8 @@ if triton is not None:
                 w3 = tl.load(w3_ptr + w_offsets)
             gate = fma_f16x2(dequant(w1, tl.float16, True), tl.broadcast_to(x, (BLOCK_I, BLOCK_D)), gate)
             up = fma_f16x2(dequant(w3, tl.float16, True), tl.broadcast_to(x, (BLOCK_I, BLOCK_D)), up)
-        gate = tl.sum(gate.to(tl.float32), axis=1) * x_up
-        up = tl.sum(up.to(tl.float32), axis=1) * x_up
-        if HAS_SCALES:
-            gate *= tl.load(s1_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-            up *= tl.load(s3_ptr + expert * stride_se + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-        h = gate * tl.sigmoid(gate) * up
-        tl.store(h_ptr + tl.cast(slot, tl.int64) * stride_h + offs_i, h.to(h_ptr.dtype.element_ty), mask=mask_i)
+        _store_swiglu(tl.sum(gate.to(tl.float32), axis=1) * x_up, tl.sum(up.to(tl.float32), axis=1) * x_up,
+                      s1_ptr, s3_ptr, h_ptr, expert, slot, offs_i, mask_i, stride_se, stride_h, HAS_SCALES)
 
     @triton.jit
     def _gate_up_gemv_kernel(x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, h_ptr, experts_ptr, top_k, num_tiles,
