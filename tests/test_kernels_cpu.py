@@ -255,8 +255,13 @@ def test_decode_kernels_compile() -> None:
             release = ptx.index("griddepcontrol.launch_dependents")
             assert ptx.count("griddepcontrol.launch_dependents") == 1
             # late: after the wait and after the first tile's scores (the keys' tensor-core product)
-            assert (release > ptx.index("griddepcontrol.wait")) == release_late
+            wait = ptx.index("griddepcontrol.wait")
+            assert (release > wait) == release_late
             assert (release > ptx.index("mma.sync")) == release_late
+            # The first tile of cached keys and values (two halves each of 64 x 64 bfloat16: 16 16-byte
+            # loads a thread) is loaded before the wait, the projection's row (q) after it.
+            assert ptx[:wait].count("ld.global.v4.b32") == 16
+            assert "mma.sync" not in ptx[:wait]
     for persistent, stages, defer, pdl_on in ((False, 1, False, False), (True, 1, False, False),
                                               (False, 3, False, False), (False, 3, True, False),
                                               (False, 3, True, True), (False, 1, False, True), (True, 1, False, True)):

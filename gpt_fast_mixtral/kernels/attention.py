@@ -56,6 +56,51 @@ if triton is not None:
         return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
     @triton.jit
+    def _kv_tile(k_ptr, v_ptr, kv_base, s0, hi, stride_ks, offs_h, mask_h, half, BLOCK_S: tl.constexpr):
+        """Cached keys and values of slots [s0, min(s0 + BLOCK_S, hi)) of one kv head, as two halves each
+        [BLOCK_S, BLOCK_HALF] (zeros past hi), and the slots' mask."""
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask_s = offs_s < hi
+        kv_offsets = kv_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_h[None, :]
+        kv_mask = mask_s[:, None] & mask_h[None, :]
+        k1 = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        k2 = tl.load(k_ptr + kv_offsets + half, mask=kv_mask, other=0.0)
+        v1 = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v2 = tl.load(v_ptr + kv_offsets + half, mask=kv_mask, other=0.0)
+        return k1, k2, v1, v2, mask_s
+
+    @triton.jit
+    def _attend_tile(q1, q2, k1, k2, v1, v2, mask_s, m, denom, acc1, acc2, SCALE: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        """The online softmax's step over one tile with at least one slot in mask_s: the running max m,
+        sum denom and weighted values acc1 / acc2 (two halves) of the query rows, updated."""
+        scores = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+        scores = tl.dot(q2, tl.trans(k2), scores, input_precision=PRECISION) * SCALE
+        scores = tl.where(mask_s[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=PRECISION)
+        acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None], input_precision=PRECISION)
+        return m_new, denom, acc1, acc2
+
+    @triton.jit
+    def _attend_one(q1, q2, k1, k2, v1, v2, m, denom, acc1, acc2, SCALE: tl.constexpr):
+        """_attend_tile's step for one slot whose key and value halves k1, k2, v1, v2 [BLOCK_HALF] are in
+        registers (the new position's, in the caches' dtype), with float32 products."""
+        score = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32)[None, :], axis=1)
+                 + tl.sum(q2.to(tl.float32) * k2.to(tl.float32)[None, :], axis=1)) * SCALE
+        m_new = tl.maximum(m, score)
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(score - m_new)
+        denom = denom * alpha + p
+        p = p.to(v1.dtype).to(tl.float32)[:, None]  # rounded as the tiles' products take it
+        acc1 = acc1 * alpha[:, None] + p * v1.to(tl.float32)[None, :]
+        acc2 = acc2 * alpha[:, None] + p * v2.to(tl.float32)[None, :]
+        return m_new, denom, acc1, acc2
+
+    @triton.jit
     def _decode_attention_kernel(
             q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, cos_ptr, sin_ptr,
             window, head_dim, stride_qb, stride_qh, stride_len, stride_kb, stride_kh, stride_ks, stride_ob,
@@ -73,18 +118,24 @@ if triton is not None:
         ROPE: q_ptr holds each row's qkv projection ([Hq + 2 Hkv] heads of head_dim); the query heads are
         rotated here (cos / sin: the rotary tables [positions, head_dim / 2], read at the row's position),
         and the chunk holding the row's new position (len_ptr holds positions: length = position + 1)
-        first writes the rotated key and the value into the caches. Otherwise q_ptr holds the rotated
-        queries [B, Hq, head_dim] and len_ptr the lengths.
+        writes the rotated key and the value into the caches and attends to them from registers. With
+        PDL, each program issues the loads of its first tile of cached keys and values (and of the rotary
+        rows) before it waits for the projection: they come from earlier steps, not from that kernel.
+        Otherwise q_ptr holds the rotated queries [B, Hq, head_dim] and len_ptr the lengths, and the
+        program waits first.
         PDL: launched with programmatic dependent launch (kernels.pdl); RELEASE_AFTER_FIRST_TILE: the next
-        kernel (the output projection) is let in only once this program's first tile of cached keys has
-        arrived, not first thing: that kernel issues its whole weight's loads before its own wait
+        kernel (the output projection) is let in only once this program has attended to its first tile of
+        cached keys, not first thing: that kernel issues its whole weight's loads before its own wait
         (kernels.linear's preloading kernel), and they would otherwise compete with the qkv projection still
         running and queue ahead of this kernel's loads. H200, int8 Mixtral-8x7B batch 1, one call: 268.8 /
         268.3 tok/s against 263.7 / 263.1 releasing right after the wait (session 18's choice) and 258.9
-        after the whole loop; 264.9 with wo not preloaded (benchmarks/NOTES.md, session 19)."""
+        after the whole loop; 264.9 with wo not preloaded (benchmarks/NOTES.md, session 19). Loading the
+        first tile before the wait: 267.7 against 265.9 tok/s (means of three alternating pairs, one call;
+        session 20)."""
         if not RELEASE_AFTER_FIRST_TILE:
             pdl_release(PDL)
-        pdl_wait(PDL)
+        if not ROPE:  # the caches may have been written by the previous kernel
+            pdl_wait(PDL)
         b = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -105,56 +156,60 @@ if triton is not None:
             heads = kv_head * GROUP + offs_g
             offs_h = tl.arange(0, BLOCK_HALF)
             mask_h = offs_h < half
-            q_mask = mask_g[:, None] & mask_h[None, :]
-            q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_h[None, :]
-            q1 = tl.load(q_rows, mask=q_mask, other=0.0)
-            q2 = tl.load(q_rows + half, mask=q_mask, other=0.0)
             kv_base = b * stride_kb + kv_head.to(tl.int64) * stride_kh
+            lo = start + split * chunk
+            hi = tl.minimum(lo + chunk, length)
+            # ROPE: the chunk ending at the new position reads the cache up to it and takes the new key and
+            # value from the projection (in registers: nothing waits for their write to the cache).
+            cached_hi = hi
+            if ROPE:
+                cached_hi = tl.where(split == active - 1, hi - 1, hi)
+            k1, k2, v1, v2, mask_s = _kv_tile(k_ptr, v_ptr, kv_base, lo, cached_hi, stride_ks, offs_h, mask_h, half,
+                                              BLOCK_S)
             if ROPE:
                 position = (length - 1).to(tl.int64)
                 cos = tl.load(cos_ptr + position * stride_cos_p + offs_h * stride_cos_d, mask=mask_h, other=0.0)
                 sin = tl.load(sin_ptr + position * stride_sin_p + offs_h * stride_sin_d, mask=mask_h, other=0.0)
                 cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+                # Only now the projection's output is needed. The cached slots read above come from earlier
+                # steps: some kernel in between waits before letting its successor in (the MoE's gate_up
+                # does), so those steps' writes are complete.
+                pdl_wait(PDL)
+            q_mask = mask_g[:, None] & mask_h[None, :]
+            q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_h[None, :]
+            q1 = tl.load(q_rows, mask=q_mask, other=0.0)
+            q2 = tl.load(q_rows + half, mask=q_mask, other=0.0)
+            if ROPE:
                 r1, r2 = _rotate(q1, q2, cos[None, :], sin[None, :])
                 q1, q2 = r1.to(q1.dtype), r2.to(q1.dtype)
-                if split == active - 1:  # this chunk ends at the new position: write its key and value
-                    row = q_ptr + b * stride_qb + (n_kv_heads * GROUP + kv_head) * stride_qh
-                    k1, k2 = _rotate(tl.load(row + offs_h, mask=mask_h, other=0.0),
-                                     tl.load(row + half + offs_h, mask=mask_h, other=0.0), cos, sin)
-                    slot = kv_base + (length - 1).to(tl.int64) * stride_ks + offs_h
-                    tl.store(k_ptr + slot, k1.to(k_ptr.dtype.element_ty), mask=mask_h)
-                    tl.store(k_ptr + slot + half, k2.to(k_ptr.dtype.element_ty), mask=mask_h)
-                    value = row + n_kv_heads * stride_qh
-                    tl.store(v_ptr + slot, tl.load(value + offs_h, mask=mask_h), mask=mask_h)
-                    tl.store(v_ptr + slot + half, tl.load(value + half + offs_h, mask=mask_h), mask=mask_h)
-                    tl.debug_barrier()  # the loop below reads that slot back
-            lo = start + split * chunk
-            hi = tl.minimum(lo + chunk, length)
             m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
             denom = tl.zeros((BLOCK_G,), dtype=tl.float32)
             acc1 = tl.zeros((BLOCK_G, BLOCK_HALF), dtype=tl.float32)
             acc2 = tl.zeros((BLOCK_G, BLOCK_HALF), dtype=tl.float32)
-            for s0 in range(lo, hi, BLOCK_S):
-                offs_s = s0 + tl.arange(0, BLOCK_S)
-                mask_s = offs_s < hi
-                kv_offsets = kv_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_h[None, :]
-                kv_mask = mask_s[:, None] & mask_h[None, :]
-                k1 = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0)
-                k2 = tl.load(k_ptr + kv_offsets + half, mask=kv_mask, other=0.0)
-                v1 = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0)
-                v2 = tl.load(v_ptr + kv_offsets + half, mask=kv_mask, other=0.0)
-                scores = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-                scores = tl.dot(q2, tl.trans(k2), scores, input_precision=PRECISION) * SCALE
-                if RELEASE_AFTER_FIRST_TILE and s0 == lo:  # the first keys are in: let the next kernel load
-                    pdl_release(PDL)
-                scores = tl.where(mask_s[None, :], scores, float("-inf"))
-                m_new = tl.maximum(m, tl.max(scores, axis=1))
-                alpha = tl.exp(m - m_new)
-                p = tl.exp(scores - m_new[:, None])
-                denom = denom * alpha + tl.sum(p, axis=1)
-                acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=PRECISION)
-                acc2 = tl.dot(p.to(v2.dtype), v2, acc2 * alpha[:, None], input_precision=PRECISION)
-                m = m_new
+            if lo < cached_hi:
+                m, denom, acc1, acc2 = _attend_tile(q1, q2, k1, k2, v1, v2, mask_s, m, denom, acc1, acc2, SCALE,
+                                                    PRECISION)
+            if RELEASE_AFTER_FIRST_TILE:  # the first keys are in: let the next kernel load
+                pdl_release(PDL)
+            for s0 in range(lo + BLOCK_S, cached_hi, BLOCK_S):
+                k1, k2, v1, v2, mask_s = _kv_tile(k_ptr, v_ptr, kv_base, s0, cached_hi, stride_ks, offs_h, mask_h,
+                                                  half, BLOCK_S)
+                m, denom, acc1, acc2 = _attend_tile(q1, q2, k1, k2, v1, v2, mask_s, m, denom, acc1, acc2, SCALE,
+                                                    PRECISION)
+            if ROPE and cached_hi < hi:  # this chunk ends at the new position
+                row = q_ptr + b * stride_qb + (n_kv_heads * GROUP + kv_head) * stride_qh
+                kn1, kn2 = _rotate(tl.load(row + offs_h, mask=mask_h, other=0.0),
+                                   tl.load(row + half + offs_h, mask=mask_h, other=0.0), cos, sin)
+                kn1, kn2 = kn1.to(k_ptr.dtype.element_ty), kn2.to(k_ptr.dtype.element_ty)
+                value = row + n_kv_heads * stride_qh
+                vn1 = tl.load(value + offs_h, mask=mask_h, other=0.0).to(v_ptr.dtype.element_ty)
+                vn2 = tl.load(value + half + offs_h, mask=mask_h, other=0.0).to(v_ptr.dtype.element_ty)
+                slot = kv_base + (length - 1).to(tl.int64) * stride_ks + offs_h
+                tl.store(k_ptr + slot, kn1, mask=mask_h)
+                tl.store(k_ptr + slot + half, kn2, mask=mask_h)
+                tl.store(v_ptr + slot, vn1, mask=mask_h)
+                tl.store(v_ptr + slot + half, vn2, mask=mask_h)
+                m, denom, acc1, acc2 = _attend_one(q1, q2, kn1, kn2, vn1, vn2, m, denom, acc1, acc2, SCALE)
             out_rows = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_h[None, :]
             if active == 1:
                 tl.store(out_rows, (acc1 / denom[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
