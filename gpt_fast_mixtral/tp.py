@@ -338,6 +338,8 @@ def apply_tensor_parallel(model: Transformer, rank: int, world_size: int, mode: 
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     if getattr(model, "parallelism", None) is not None:
         raise ValueError(f"the model is already sharded ({model.parallelism}); load it again to shard it anew")
+    if world_size > 1:
+        same_kernel_configs_on_every_rank()
     shard = _Sharder(rank, world_size, device)
     for layer in model.layers:
         shard.attention(layer.attention)
@@ -351,6 +353,24 @@ def apply_tensor_parallel(model: Transformer, rank: int, world_size: int, mode: 
             layer.group = group
     model.parallelism = Parallelism(mode, rank, world_size)
     return model
+
+
+def same_kernel_configs_on_every_rank() -> None:
+    """Have Inductor choose its kernels' launch configurations without timing them (its deterministic
+    mode), process-wide.
+
+    Inductor gives a reduction (an RMSNorm, a softmax over the vocabulary) several candidate block sizes and
+    keeps the fastest at its first run, timed in this process. Ranks time separately, so two ranks can keep
+    different ones, which sum in different orders: the same input then gives different bits on each rank
+    (seen as float32 logits 1e-6 apart on two H200s), and sampled or near-tied greedy tokens can differ
+    between ranks that must agree. Deterministic mode keeps one configuration chosen by rule."""
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "deterministic"):
+        inductor_config.deterministic = True
+    else:  # older torch: no such mode; ranks may still disagree in the last bits
+        logger.warning("torch %s has no deterministic Inductor mode: ranks may compute different bits",
+                       torch.__version__)
 
 
 class ExpertParallelExperts(nn.Module):

@@ -189,6 +189,16 @@ def test_each_rank_of_mixtral_8x7b_keeps_its_share_and_the_replicated_weights(mo
     assert {name: now[name] for name in replicated} == replicated  # router, norms, embedding, output head
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_sharding_over_ranks_makes_inductor_choose_configs_without_timing(monkeypatch, world_size: int) -> None:
+    """Timed choices (a reduction's block size) can differ between ranks and change the sums' bits."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "deterministic", False)
+    apply_tensor_parallel(meta_model(MIXTRAL_8X7B), 0, world_size)
+    assert inductor_config.deterministic is (world_size > 1)
+
+
 def test_a_rank_keeps_copies_of_its_query_and_key_value_heads_not_views(tiny_converted_dir: Path) -> None:
     whole = load_model(tiny_converted_dir / "model.pth", dtype=torch.float32)
     wqkv = whole.layers[0].attention.wqkv.weight.clone()
