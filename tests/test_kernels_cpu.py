@@ -221,6 +221,9 @@ def test_half2_gate_up_kernel_compiles_to_f16x2_products(blocked: bool, pdl_on: 
     assert_wide_weight_loads(ptx, 1)
     if pdl_on:
         assert_pdl(ptx)
+        # Waits before letting the next kernel in: the decode attention's loads of cached keys before its
+        # own wait rely on one kernel of every layer doing so (kernels.attention).
+        assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents")
     usage = resource_usage(compiled.asm["cubin"])
     assert usage["LOCAL"] == 0 and usage["REG"] <= 96, usage
 
