@@ -262,7 +262,7 @@ def test_decode_kernels_compile() -> None:
             assert (release > wait) == release_late
             assert (release > ptx.index("mma.sync")) == release_late
             # The first tile of cached keys and values (two halves each of 64 x 64 bfloat16: 16 16-byte
-            # loads a thread) is loaded before the wait, the projection's row (q) after it.
+            # loads a thread) is loaded before the wait, and no product is taken before it.
             assert ptx[:wait].count("ld.global.v4.b32") == 16
             assert "mma.sync" not in ptx[:wait]
     for persistent, stages, defer, pdl_on in ((False, 1, False, False), (True, 1, False, False),

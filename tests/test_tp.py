@@ -189,6 +189,14 @@ def test_each_rank_of_mixtral_8x7b_keeps_its_share_and_the_replicated_weights(mo
     assert {name: now[name] for name in replicated} == replicated  # router, norms, embedding, output head
 
 
+@pytest.fixture(autouse=True)
+def _inductor_config_restored(monkeypatch):
+    """Sharding over ranks sets Inductor's deterministic mode process-wide: back as it was after each test."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "deterministic", inductor_config.deterministic)
+
+
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_sharding_over_ranks_makes_inductor_choose_configs_without_timing(monkeypatch, world_size: int) -> None:
     """Timed choices (a reduction's block size) can differ between ranks and change the sums' bits."""
