@@ -270,11 +270,13 @@ def test_loading_points_the_fx_graph_cache_at_the_model_directory(
         tiny_converted_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # restored after the test
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    Worker(make_model_dir(tmp_path, tiny_converted_dir, fx_graph_cache=True,
-                          fx_graph_cache_dir="cache/inductor"))
-    assert inductor_config.fx_graph_cache is True
+    # Inductor's config through its own patch (restored after the block): recent pytest restores a module
+    # attribute missing from the module's __dict__ by deleting it, which hides an Inductor setting for good.
+    with inductor_config.patch(fx_graph_cache=False):
+        Worker(make_model_dir(tmp_path, tiny_converted_dir, fx_graph_cache=True,
+                              fx_graph_cache_dir="cache/inductor"))
+        assert inductor_config.fx_graph_cache is True
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
     assert (tmp_path / "cache" / "inductor").is_dir()
 
@@ -338,10 +340,10 @@ def test_the_device_follows_device_type_gpu_id_and_local_rank(monkeypatch: pytes
     assert select_device("cpu", 1) == torch.device("cpu")
 
 
-def test_enable_fx_graph_cache_can_turn_it_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_enable_fx_graph_cache_can_turn_it_off(tmp_path: Path) -> None:
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
-    enable_fx_graph_cache(False, tmp_path / "unused")
-    assert inductor_config.fx_graph_cache is False
+    with inductor_config.patch(fx_graph_cache=True):  # not monkeypatch: see the test above
+        enable_fx_graph_cache(False, tmp_path / "unused")
+        assert inductor_config.fx_graph_cache is False
     assert not (tmp_path / "unused").exists()

@@ -190,19 +190,21 @@ def test_each_rank_of_mixtral_8x7b_keeps_its_share_and_the_replicated_weights(mo
 
 
 @pytest.fixture(autouse=True)
-def _inductor_config_restored(monkeypatch):
-    """Sharding over ranks sets Inductor's deterministic mode process-wide: back as it was after each test."""
+def _inductor_config_restored():
+    """Sharding over ranks sets Inductor's deterministic mode process-wide: back as it was after each test
+    (through Inductor's own patch: pytest's monkeypatch would delete the setting on undo, see test_handler)."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "deterministic", inductor_config.deterministic)
+    with inductor_config.patch(deterministic=inductor_config.deterministic):
+        yield
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_sharding_over_ranks_makes_inductor_choose_configs_without_timing(monkeypatch, world_size: int) -> None:
+def test_sharding_over_ranks_makes_inductor_choose_configs_without_timing(world_size: int) -> None:
     """Timed choices (a reduction's block size) can differ between ranks and change the sums' bits."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "deterministic", False)
+    inductor_config.deterministic = False  # restored by _inductor_config_restored
     apply_tensor_parallel(meta_model(MIXTRAL_8X7B), 0, world_size)
     assert inductor_config.deterministic is (world_size > 1)
 
