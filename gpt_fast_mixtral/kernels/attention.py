@@ -322,8 +322,8 @@ def rope_cache_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
     reference_decode_attention (lengths = positions + 1) give. Returns [B, Hq, D] in qkv's dtype.
     The tables are read by the kernel, not gathered before it: in a compiled step Inductor copied a
     gathered row into its own buffer for every layer's call (16 extra kernels a Mixtral step).
-    release_after_first_tile: with PDL, the next kernel's programs are let in once each program's first tile
-    of cached keys has arrived rather than first thing (for an output projection that loads its whole
+    release_after_first_tile: with PDL, the next kernel's programs are let in once each program has attended
+    to its first tile of cached keys rather than first thing (for an output projection that loads its whole
     weight before its own wait)."""
     if qkv.shape[-1] != (n_heads + 2 * n_kv_heads) * head_dim or k_cache.shape[1] != n_kv_heads:
         raise ValueError(f"qkv [B, {(n_heads + 2 * n_kv_heads) * head_dim}] and caches of {n_kv_heads} kv heads "

@@ -242,7 +242,7 @@ HALF_CONFIG = LinearConfig(gemv_block_n=2, gemv_block_k=2048, gemv_pipelined_blo
 # The attention's output projection (quantize.WeightOnlyInt8Linear.preload): a whole weight fits in the
 # GPU's registers at once (Mixtral's wo, 16.8 MB: 4-row programs of one warp, 168 registers a thread with
 # Triton 3.6, 12 per SM: 6336 rows on 132 SMs), so with PDL it streams in while the nearly idle decode
-# attention runs (which lets its programs in once its first tile of cached keys has arrived:
+# attention runs (which lets its programs in once it has attended to its first tile of cached keys:
 # attention.rope_cache_attention's release_after_first_tile; session 18 let them in right after its
 # wait). H200, int8 wo [4096, 4096] behind 8 programs spinning 4.6 us, 32 in a CUDA graph
 # (session 18, results/h200_s18_preload_micro.log): 9.74 us a pair against 12.20 for the default plan (2
