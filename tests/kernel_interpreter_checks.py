@@ -196,12 +196,14 @@ def check_int8_linear() -> None:
     persistent = linear.LinearConfig(gemv_programs=3)
     pipelined = linear.LinearConfig(gemv_block_k=256, gemv_stages=3)  # products summed after the loop
     summed_each_iteration = linear.LinearConfig(gemv_block_k=256, gemv_stages=3, gemv_pipelined_defer=False)
+    three_early_tiles = linear.LinearConfig(gemv_block_k=256, gemv_stages=3, gemv_pdl_tiles=3)  # PDL's early loads
     # the whole-row preloading kernel (linear.PRELOAD_CONFIG): K over several chunks with a masked last one,
     # K below one chunk, rows not a multiple of the program's; 2 tokens take the ordinary 16-row tile
     preload_4 = linear.LinearConfig(gemv_preload_rows=4, gemv_preload_block_k=128)
     preload_1 = linear.LinearConfig(gemv_preload_rows=1, gemv_preload_block_k=64)
     for rows, n, k, config in [(1, 40, 100, linear.DEFAULT_CONFIG), (1, 40, 100, persistent),
                                (1, 40, 1000, pipelined), (1, 40, 1000, summed_each_iteration),
+                               (1, 40, 1000, three_early_tiles), (1, 40, 600, three_early_tiles),
                                (1, 40, 3000, linear.DEFAULT_CONFIG),
                                (3, 96, 200, linear.DEFAULT_CONFIG),  # matrix-vector (one token), 16-row tile
                                (1, 37, 300, preload_4), (1, 10, 50, preload_1), (1, 9, 200, linear.PRELOAD_CONFIG),

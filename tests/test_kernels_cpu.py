@@ -237,6 +237,25 @@ def assert_wide_weight_loads(ptx: str, stages: int) -> None:
         assert "cp.async.cg.shared.global" in ptx and ", 16, " in ptx  # cg: 16 bytes, past L1
 
 
+@pytest.mark.parametrize("tiles", [1, 2, 3])
+def test_one_token_linear_loads_its_first_tiles_before_the_pdl_wait(tiles: int) -> None:
+    """LinearConfig.gemv_pdl_tiles: Mixtral's wqkv plan (8 x 512 int8 tiles, pipelined) issues that many
+    tiles' 16-byte weight loads (4 KB over 128 threads: two a thread each) before griddepcontrol.wait and
+    takes no product before it; the loop after the wait starts past them."""
+    block_n, block_k, stages = linear.gemv_plan(6144, 4096)
+    assert (block_n, block_k) == (8, 512) and stages > 1
+    compiled = compile_for_hopper(linear._linear_kernel,
+                                  ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
+                                  dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
+                                       PERSISTENT=False, STAGES=stages, DEFER=True, PDL=True, PDL_TILES=tiles),
+                                  num_stages=1)
+    ptx = compiled.asm["ptx"]
+    before = ptx[:ptx.index("griddepcontrol.wait")]
+    assert before.count("ld.global.v4.b32") + before.count("ld.global.nc.v4.b32") == tiles * 2
+    assert "fma" not in before
+    assert_wide_weight_loads(ptx, stages)
+
+
 def test_decode_kernels_compile() -> None:
     for single_pass, block_d, warps in ((False, 1024, 4), (True, 4096, 16)):
         compile_for_hopper(router._residual_norm_route_kernel,
@@ -265,6 +284,10 @@ def test_decode_kernels_compile() -> None:
             # loads a thread) is loaded before the wait, and no product is taken before it.
             assert ptx[:wait].count("ld.global.v4.b32") == 16
             assert "mma.sync" not in ptx[:wait]
+            # The new position's key and value are loaded with the queries after the wait, not after the
+            # loop: no global load is left between the last product and the chunks' combine (10 before).
+            last = ptx.rindex("mma.sync")
+            assert ptx[last:ptx.index("atom.", last)].count("ld.global") == 0
     for persistent, stages, defer, pdl_on in ((False, 1, False, False), (True, 1, False, False),
                                               (False, 3, False, False), (False, 3, True, False),
                                               (False, 3, True, True), (False, 1, False, True), (True, 1, False, True)):

@@ -180,6 +180,15 @@ if triton is not None:
             q1 = tl.load(q_rows, mask=q_mask, other=0.0)
             q2 = tl.load(q_rows + half, mask=q_mask, other=0.0)
             if ROPE:
+                # The new position's key and value (the chunk ending at it uses them after its loop) are
+                # loaded with the queries: one round trip to L2 after the wait, not two.
+                row = q_ptr + b * stride_qb + (n_kv_heads * GROUP + kv_head) * stride_qh
+                value = row + n_kv_heads * stride_qh
+                new_mask = offs_h < tl.where(cached_hi < hi, half, 0)
+                new_k1 = tl.load(row + offs_h, mask=new_mask, other=0.0)
+                new_k2 = tl.load(row + half + offs_h, mask=new_mask, other=0.0)
+                new_v1 = tl.load(value + offs_h, mask=new_mask, other=0.0)
+                new_v2 = tl.load(value + half + offs_h, mask=new_mask, other=0.0)
                 r1, r2 = _rotate(q1, q2, cos[None, :], sin[None, :])
                 q1, q2 = r1.to(q1.dtype), r2.to(q1.dtype)
             m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
@@ -197,13 +206,9 @@ if triton is not None:
                 m, denom, acc1, acc2 = _attend_tile(q1, q2, k1, k2, v1, v2, mask_s, m, denom, acc1, acc2, SCALE,
                                                     PRECISION)
             if ROPE and cached_hi < hi:  # this chunk ends at the new position
-                row = q_ptr + b * stride_qb + (n_kv_heads * GROUP + kv_head) * stride_qh
-                kn1, kn2 = _rotate(tl.load(row + offs_h, mask=mask_h, other=0.0),
-                                   tl.load(row + half + offs_h, mask=mask_h, other=0.0), cos, sin)
+                kn1, kn2 = _rotate(new_k1, new_k2, cos, sin)
                 kn1, kn2 = kn1.to(k_ptr.dtype.element_ty), kn2.to(k_ptr.dtype.element_ty)
-                value = row + n_kv_heads * stride_qh
-                vn1 = tl.load(value + offs_h, mask=mask_h, other=0.0).to(v_ptr.dtype.element_ty)
-                vn2 = tl.load(value + half + offs_h, mask=mask_h, other=0.0).to(v_ptr.dtype.element_ty)
+                vn1, vn2 = new_v1.to(v_ptr.dtype.element_ty), new_v2.to(v_ptr.dtype.element_ty)
                 slot = kv_base + (length - 1).to(tl.int64) * stride_ks + offs_h
                 tl.store(k_ptr + slot, kn1, mask=mask_h)
                 tl.store(k_ptr + slot + half, kn2, mask=mask_h)

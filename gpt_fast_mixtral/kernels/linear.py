@@ -48,13 +48,15 @@ if triton is not None:
     @triton.jit
     def _gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DEFER: tl.constexpr,
-                    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, SCALED: tl.constexpr = True):
+                    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, SCALED: tl.constexpr = True,
+                    PDL_TILES: tl.constexpr = 1):
         """y[rows of n_block] for one token: CUDA-core FMAs on weights converted in registers (SCALED: int8
         times s_ptr's per-row scales; else 16-bit or float32, s_ptr unused); STAGES as kernels.moe's
         matrix-vector loops. DEFER: each thread accumulates its own products across the loop ([BLOCK_N,
         BLOCK_K] float32) and the threads' sums meet once, after it; else every iteration sums its tile
         across threads. PDL (kernels.pdl): before waiting for the kernel that writes x, load the weight
-        tile's first BLOCK_K columns (and with PREFETCH ask L2 for the whole tile)."""
+        tile's first PDL_TILES * BLOCK_K columns into registers (and with PREFETCH ask L2 for the whole
+        tile)."""
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
@@ -68,16 +70,20 @@ if triton is not None:
         if PDL:
             if PREFETCH:
                 prefetch_l2_rows(w_ptr + offs_n.to(tl.int64) * stride_wn, mask_n, K, 16)
-            offs_k = tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            w_first = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+            first = ()
+            for t in tl.static_range(PDL_TILES):
+                offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+                first = first + (tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :],
+                                         other=0),)
             pdl_wait(PDL)
-            x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            if DEFER:
-                products += _weights(w_first, tl.float32, MAGIC, SCALED) * x[None, :]
-            else:
-                acc += tl.sum(_weights(w_first, tl.float32, MAGIC, SCALED) * x[None, :], axis=1)
-            start = BLOCK_K
+            for t in tl.static_range(PDL_TILES):
+                offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+                if DEFER:
+                    products += _weights(first[t], tl.float32, MAGIC, SCALED) * x[None, :]
+                else:
+                    acc += tl.sum(_weights(first[t], tl.float32, MAGIC, SCALED) * x[None, :], axis=1)
+            start = PDL_TILES * BLOCK_K
         for k0 in tl.range(start, K, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
@@ -100,7 +106,7 @@ if triton is not None:
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PERSISTENT: tl.constexpr = False, STAGES: tl.constexpr = 1,
                        DEFER: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                       SCALED: tl.constexpr = True):
+                       SCALED: tl.constexpr = True, PDL_TILES: tl.constexpr = 1):
         """One token (BLOCK_M 1): a program per BLOCK_N rows, or with PERSISTENT a 1-D grid of fewer programs
         looping over the row blocks. 2..16 tokens: one 16-row tensor-core tile per (rows, tokens) block.
         PDL: launched with programmatic dependent launch (kernels.pdl). SCALED: int8 weights with per-row
@@ -115,7 +121,7 @@ if triton is not None:
                                 STAGES, DEFER, SCALED=SCALED)
             else:
                 _gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, tl.program_id(0), N, K, stride_wn, MAGIC, BLOCK_N,
-                            BLOCK_K, STAGES, DEFER, PDL, PREFETCH, SCALED)
+                            BLOCK_K, STAGES, DEFER, PDL, PREFETCH, SCALED, PDL_TILES)
         else:
             offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
@@ -206,6 +212,16 @@ class LinearConfig:
     # batch 1 (scripts/benchmark.py, session 15, one call): 260.3 tok/s without the prefetch, 253.9 with,
     # 247.5 / 249.6 without PDL (results/h200_s15_*).
     pdl_prefetch: bool = False
+    # With PDL a one-token program loads its first gemv_pdl_tiles weight tiles into registers before its
+    # wait (the kernel before it is still running), so after the wait the pipelined loop starts with that
+    # much already in: the int8 wqkv and output head. H200, int8 Mixtral-8x7B batch 1, pure decode steps
+    # replayed at position 105 (session 21, with the attention's early new-key loads; one call each):
+    # 275.9 / 275.9 tok/s against 271.9 / 272.4 with 1 tile and the attention as before; wqkv's critical-path
+    # share 9.3 -> 8.0 us. 3 tiles: no better (wqkv 8 x 512 tiles take 80 registers a thread with 2 or 3,
+    # 72 with 1: 768 programs stay one wave). Down with 2 tiles (64 registers under maxnreg) lost: its
+    # extra 8 MB of early loads slowed gate_up's tail (58.1 against 56.8 us), 275.8 / 277.6 against 279.0 /
+    # 279.1 (benchmarks/NOTES.md, session 21).
+    gemv_pdl_tiles: int = 2
     # > 0: a one-token int8 weight of at most gemv_preload_max_chunks * gemv_preload_block_k columns takes
     # _preloaded_gemv_kernel, gemv_preload_rows rows a program (gemv_preload_warps warps), each program's
     # whole weight loaded into registers before its PDL wait. 0: off (PRELOAD_CONFIG turns it on).
@@ -236,7 +252,8 @@ DEFAULT_CONFIG = LinearConfig()
 #   2 x 2048           13.4      9.8     60.5     7.0 / 4.4 / 3.3    5.6 / 3.1 / 2.2
 #   cuBLAS             16.7     12.6     64.2    11.0 / 7.7 / 6.7    7.2 / 5.3 / 4.2
 HALF_CONFIG = LinearConfig(gemv_block_n=2, gemv_block_k=2048, gemv_pipelined_block_n=4, gemv_pipelined_block_k=1024,
-                           gemv_pipelined_stages=2, gemv_pipeline_min_programs=1024)
+                           gemv_pipelined_stages=2, gemv_pipeline_min_programs=1024,
+                           gemv_pdl_tiles=1)  # 2 not measured for 16-bit weights
 
 
 # The attention's output projection (quantize.WeightOnlyInt8Linear.preload): a whole weight fits in the
@@ -332,7 +349,8 @@ def _linear(x: Tensor, weight: Tensor, scales: Tensor | None, config: LinearConf
     _linear_kernel[grid](x2, weight, scales, y, rows, n, k, x2.stride(0), weight.stride(0), y.stride(0),
                          MAGIC=c.int8_magic, IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
                          BLOCK_K=block_k, PERSISTENT=persistent, STAGES=loop_stages, DEFER=defer, PDL=use_pdl,
-                         PREFETCH=c.pdl_prefetch, SCALED=scales is not None, num_warps=warps, num_stages=stages,
+                         PREFETCH=c.pdl_prefetch, SCALED=scales is not None, PDL_TILES=c.gemv_pdl_tiles,
+                         num_warps=warps, num_stages=stages,
                          **pdl.launch_options(use_pdl))
     return y.view(*shape[:-1], n)
 
