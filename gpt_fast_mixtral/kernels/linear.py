@@ -216,8 +216,9 @@ class LinearConfig:
     # wait (the kernel before it is still running), so after the wait the pipelined loop starts with that
     # much already in: the int8 wqkv and output head. H200, int8 Mixtral-8x7B batch 1, pure decode steps
     # replayed at position 105 (session 21, with the attention's early new-key loads; one call each):
-    # 275.9 / 275.9 tok/s against 271.9 / 272.4 with 1 tile and the attention as before; wqkv's critical-path
-    # share 9.3 -> 8.0 us. 3 tiles: no better (wqkv 8 x 512 tiles take 80 registers a thread with 2 or 3,
+    # 275.9 / 275.9 tok/s against 271.9 / 272.4 with 1 tile and the attention as before (the linears' median
+    # critical-path share 9.3 -> 8.2 us); scripts/benchmark.py, nvidia-h200-x2, one call: 277.7 / 277.8
+    # against 274.7 / 274.5. 3 tiles: no better (wqkv 8 x 512 tiles take 80 registers a thread with 2 or 3,
     # 72 with 1: 768 programs stay one wave). Down with 2 tiles (64 registers under maxnreg) lost: its
     # extra 8 MB of early loads slowed gate_up's tail (58.1 against 56.8 us), 275.8 / 277.6 against 279.0 /
     # 279.1 (benchmarks/NOTES.md, session 21).
