@@ -46,6 +46,16 @@ if triton is not None:
         return w.to(dtype)
 
     @triton.jit
+    def _add_products(acc, w, x, DEFER: tl.constexpr):
+        """acc plus a weight tile's products with x: DEFER, elementwise ([BLOCK_N, BLOCK_K], summed across
+        threads after the loop); else summed per row now ([BLOCK_N])."""
+        if DEFER:
+            acc += w * x[None, :]
+        else:
+            acc += tl.sum(w * x[None, :], axis=1)
+        return acc
+
+    @triton.jit
     def _gemv_block(x_ptr, w_ptr, s_ptr, y_ptr, n_block, N, K, stride_wn, MAGIC: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, DEFER: tl.constexpr,
                     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False, SCALED: tl.constexpr = True,
@@ -62,10 +72,7 @@ if triton is not None:
         w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
         if SCALED:
             scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)  # in flight during the loop
-        if DEFER:
-            products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K) if DEFER else (BLOCK_N,), dtype=tl.float32)
         start = 0
         if PDL:
             if PREFETCH:
@@ -79,10 +86,7 @@ if triton is not None:
             for t in tl.static_range(PDL_TILES):
                 offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-                if DEFER:
-                    products += _weights(first[t], tl.float32, MAGIC, SCALED) * x[None, :]
-                else:
-                    acc += tl.sum(_weights(first[t], tl.float32, MAGIC, SCALED) * x[None, :], axis=1)
+                acc = _add_products(acc, _weights(first[t], tl.float32, MAGIC, SCALED), x, DEFER)
             start = PDL_TILES * BLOCK_K
         for k0 in tl.range(start, K, BLOCK_K, num_stages=STAGES):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -90,12 +94,9 @@ if triton is not None:
             x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             w = _weights(tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0),
                          tl.float32, MAGIC, SCALED)
-            if DEFER:
-                products += w * x[None, :]
-            else:
-                acc += tl.sum(w * x[None, :], axis=1)
+            acc = _add_products(acc, w, x, DEFER)
         if DEFER:
-            acc = tl.sum(products, axis=1)
+            acc = tl.sum(acc, axis=1)
         if SCALED:
             acc = acc * scales
         tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
