@@ -70,6 +70,9 @@ def compile_for_hopper(fn, types: list[str], constexprs: dict, num_warps: int = 
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+# linear._linear_kernel's pointer and integer arguments for int8 weights and bfloat16 activations
+INT8_LINEAR_TYPES = ["*bf16", "*i8", "*bf16", "*bf16"] + ["i32"] * 6
+
 GROUPED_TYPES = {
     "gate_up": lambda w, act: [f"*{act}", f"*{w}", f"*{w}", "*bf16", "*bf16", "*bf16", "*fp32", "*i32", "*i32",
                                "*i32", "*i32", "i32", "i32", "i32", "i32", "i32", "i64", "i32", "i32", "i32"],
@@ -245,7 +248,7 @@ def test_one_token_linear_loads_its_first_tiles_before_the_pdl_wait(tiles: int) 
     block_n, block_k, stages = linear.gemv_plan(6144, 4096)
     assert (block_n, block_k) == (8, 512) and stages > 1
     compiled = compile_for_hopper(linear._linear_kernel,
-                                  ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
+                                  INT8_LINEAR_TYPES,
                                   dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k,
                                        PERSISTENT=False, STAGES=stages, DEFER=True, PDL=True, PDL_TILES=tiles),
                                   num_stages=1)
@@ -292,7 +295,7 @@ def test_decode_kernels_compile() -> None:
                                               (False, 3, False, False), (False, 3, True, False),
                                               (False, 3, True, True), (False, 1, False, True), (True, 1, False, True)):
         compiled = compile_for_hopper(linear._linear_kernel,
-                                      ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
+                                      INT8_LINEAR_TYPES,
                                       dict(MAGIC=True, IEEE=False, BLOCK_M=1, BLOCK_N=2, BLOCK_K=2048,
                                            PERSISTENT=persistent, STAGES=stages, DEFER=defer, PDL=pdl_on,
                                            PREFETCH=pdl_on),
@@ -301,7 +304,7 @@ def test_decode_kernels_compile() -> None:
         if pdl_on:
             assert_pdl(compiled.asm["ptx"], prefetch=not persistent)
     compile_for_hopper(linear._linear_kernel,
-                       ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32", "i32", "i32", "i32"],
+                       INT8_LINEAR_TYPES,
                        dict(MAGIC=True, IEEE=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PERSISTENT=False, STAGES=1,
                             DEFER=False))
     # bf16 weights and no scales (linear.linear): HALF_CONFIG's tiles, unpipelined and pipelined, with PDL
