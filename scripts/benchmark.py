@@ -3,7 +3,9 @@
 Builds the model with random weights of the real shape directly on the GPU (default Mixtral-8x7B), or
 loads a converted checkpoint; measures copy bandwidth in the same process; reports decode tok/s
 (median of warm runs), time to first token per prompt length, peak memory and compile times; prints the
-ceiling and the share of it; writes JSON (device, torch version, command) for benchmarks/results/.
+ceiling and the share of it; records rank 0's GPU power draw, SM clock and power-cap share during the
+timed decode runs (`decode_gpu_telemetry`: a sustained decode can hit the board's power limit, which
+lowers the clock); writes JSON (device, torch version, command) for benchmarks/results/.
 
     python scripts/benchmark.py --precision int8 --out benchmarks/results/h200_int8.json
 
@@ -20,6 +22,7 @@ that runs the same code paths for the tests; only --device cuda reports real num
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -41,6 +44,7 @@ from gpt_fast_mixtral import quantize  # noqa: E402
 from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
+from gpt_fast_mixtral.gpu_telemetry import GpuTelemetry, gpu_id  # noqa: E402
 from gpt_fast_mixtral.kernels import linear as linear_kernels  # noqa: E402
 from gpt_fast_mixtral.kernels import moe as moe_kernels  # noqa: E402
 from gpt_fast_mixtral.kernels import pdl  # noqa: E402
@@ -334,10 +338,16 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
     time_generate(engine, prompt, 4)  # compiles (or loads from the FX graph cache) the decode step
     first_call_s = time.perf_counter() - compile_start
     decode_rates = []
+    # Power and SM clock of rank 0's GPU during the timed runs: a sustained decode can reach the board's
+    # power limit, which lowers the clock (gpt_fast_mixtral.gpu_telemetry); one window per run.
+    telemetry = GpuTelemetry.start(gpu_id(device)) if cuda and rank == 0 else None
     for _ in range(options.runs):
-        total, ttft = time_generate(engine, prompt, options.new_tokens)
+        with telemetry.window() if telemetry else contextlib.nullcontext():
+            total, ttft = time_generate(engine, prompt, options.new_tokens)
         decode_rates.append((options.new_tokens - 1) / (total - ttft))
     decode_tok_s = statistics.median(decode_rates)
+    if telemetry:
+        telemetry.stop()
 
     if options.profile:
         # every rank runs it: the steps are collective
@@ -392,6 +402,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "ceiling_tok_s": None if ceiling is None else round(ceiling * options.batch_size, 1),
         "decode_tok_s": round(decode_tok_s * options.batch_size, 1),
         "decode_tok_s_runs": [round(r * options.batch_size, 1) for r in decode_rates],
+        "decode_gpu_telemetry": telemetry.summary() if telemetry else None,
         "share_of_ceiling": None if ceiling is None else round(decode_tok_s / ceiling, 3),
         "ttft_ms": ttft_ms,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None,
@@ -451,6 +462,11 @@ def summary_line(result: dict, options: argparse.Namespace) -> str:
     if "speedup_vs_single" in result:
         line += (f"; {result['speedup_vs_single']}x the single run's {result['baseline']['decode_tok_s']} tok/s "
                  f"({result['baseline']['path']})")
+    telemetry = result.get("decode_gpu_telemetry")
+    if telemetry and telemetry.get("samples"):
+        line += (f"; during decode {telemetry['power_w']} W of {telemetry['power_limit_w']}, SM clock "
+                 f"{telemetry['sm_clock_mhz']} MHz (max {telemetry['sm_clock_max_mhz']}), power-capped in "
+                 f"{100 * telemetry['power_capped_share']:.0f}% of samples")
     return f"{line}; TTFT ms {result['ttft_ms']}"
 
 
