@@ -3,9 +3,10 @@
 Builds the model with random weights of the real shape directly on the GPU (default Mixtral-8x7B), or
 loads a converted checkpoint; measures copy bandwidth in the same process; reports decode tok/s
 (median of warm runs), time to first token per prompt length, peak memory and compile times; prints the
-ceiling and the share of it; records rank 0's GPU power draw, SM clock and power-cap share during the
-timed decode runs (`decode_gpu_telemetry`: a sustained decode can hit the board's power limit, which
-lowers the clock); writes JSON (device, torch version, command) for benchmarks/results/.
+ceiling and the share of it; records each GPU's power draw, SM clock and power-cap share during the
+timed decode runs (`decode_gpu_telemetry`, per rank in `decode_gpu_telemetry_ranks`: a sustained decode
+can hit the board's power limit, which lowers the clock); writes JSON (device, torch version, command)
+for benchmarks/results/.
 
     python scripts/benchmark.py --precision int8 --out benchmarks/results/h200_int8.json
 
@@ -338,16 +339,22 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
     time_generate(engine, prompt, 4)  # compiles (or loads from the FX graph cache) the decode step
     first_call_s = time.perf_counter() - compile_start
     decode_rates = []
-    # Power and SM clock of rank 0's GPU during the timed runs: a sustained decode can reach the board's
+    # Power and SM clock of each rank's GPU during the timed runs: a sustained decode can reach the board's
     # power limit, which lowers the clock (gpt_fast_mixtral.gpu_telemetry); one window per run.
-    telemetry = GpuTelemetry.start(gpu_id(device)) if cuda and rank == 0 else None
+    telemetry = GpuTelemetry.start(gpu_id(device)) if cuda else None
     for _ in range(options.runs):
         with telemetry.window() if telemetry else contextlib.nullcontext():
             total, ttft = time_generate(engine, prompt, options.new_tokens)
         decode_rates.append((options.new_tokens - 1) / (total - ttft))
     decode_tok_s = statistics.median(decode_rates)
+    power = None
     if telemetry:
         telemetry.stop()
+        power = telemetry.summary()
+    rank_power = [power]
+    if dist.is_initialized() and world_size > 1:
+        rank_power = [None] * world_size
+        dist.all_gather_object(rank_power, power)
 
     if options.profile:
         # every rank runs it: the steps are collective
@@ -402,7 +409,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "ceiling_tok_s": None if ceiling is None else round(ceiling * options.batch_size, 1),
         "decode_tok_s": round(decode_tok_s * options.batch_size, 1),
         "decode_tok_s_runs": [round(r * options.batch_size, 1) for r in decode_rates],
-        "decode_gpu_telemetry": telemetry.summary() if telemetry else None,
+        "decode_gpu_telemetry": power,  # rank 0's GPU; every rank's below under --parallel
         "share_of_ceiling": None if ceiling is None else round(decode_tok_s / ceiling, 3),
         "ttft_ms": ttft_ms,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None,
@@ -410,6 +417,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "first_call_s (compile or cache load)": round(first_call_s, 1),
     }
     if options.parallel:
+        result["decode_gpu_telemetry_ranks"] = rank_power
         result["bytes_per_token_per_rank_gb"] = round(rank_bytes / 1e9, 3)
         result["ceiling_note"] = CEILING_NOTE
     return result

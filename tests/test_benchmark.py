@@ -154,9 +154,10 @@ def test_single_process_smoke_run_reports_no_parallelism_and_no_ceiling(
     assert result["decode_tok_s"] > 0 and len(result["decode_tok_s_runs"]) == 1
     assert set(result["ttft_ms"]) == {"24"}
     # Only a GPU measures copy bandwidth: no ceiling, no share of it, no peak memory on the CPU.
-    for key in ("copy_bandwidth_tb_s", "ceiling_tok_s", "share_of_ceiling", "peak_memory_gb"):
+    for key in ("copy_bandwidth_tb_s", "ceiling_tok_s", "share_of_ceiling", "peak_memory_gb", "decode_gpu_telemetry"):
         assert result[key] is None, key
     assert "speedup_vs_single" not in result and "baseline" not in result
+    assert "decode_gpu_telemetry_ranks" not in result
 
 
 @pytest.mark.slow
@@ -174,6 +175,7 @@ def test_two_ranks_under_torchrun_report_once_with_the_speedup_over_one(
     assert result["decode_tok_s"] > 0 and set(result["ttft_ms"]) == {"24"}
     assert result["ceiling_tok_s"] is None and "all-reduce" in result["ceiling_note"]
     assert result["bytes_per_token_per_rank_gb"] <= result["bytes_per_token_gb"]
+    assert result["decode_gpu_telemetry_ranks"] == [None, None]  # gathered from both ranks; no GPU here
     assert result["speedup_vs_single"] == round(result["decode_tok_s"] / baseline["decode_tok_s"], 3)
     assert result["baseline"]["path"] == str(baseline_path)
     assert result["baseline"]["decode_tok_s"] == baseline["decode_tok_s"]
