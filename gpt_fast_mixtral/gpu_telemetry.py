@@ -13,6 +13,7 @@ it is missing or fails, `GpuTelemetry.start` returns a sampler whose summary say
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -120,7 +121,9 @@ class GpuTelemetry:
         reason_field = telemetry._reason_field()
         if reason_field is None:
             return telemetry
-        telemetry._log = Path(tempfile.mkstemp(prefix="gpu_telemetry_", suffix=".csv")[1])
+        handle, name = tempfile.mkstemp(prefix="gpu_telemetry_", suffix=".csv")
+        os.close(handle)
+        telemetry._log = Path(name)
         with telemetry._log.open("w") as log:
             telemetry._process = subprocess.Popen(query_command(gpu, reason_field, interval_ms), stdout=log,
                                                   stderr=subprocess.DEVNULL)

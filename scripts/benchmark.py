@@ -342,15 +342,16 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
     # Power and SM clock of each rank's GPU during the timed runs: a sustained decode can reach the board's
     # power limit, which lowers the clock (gpt_fast_mixtral.gpu_telemetry); one window per run.
     telemetry = GpuTelemetry.start(gpu_id(device)) if cuda else None
-    for _ in range(options.runs):
-        with telemetry.window() if telemetry else contextlib.nullcontext():
-            total, ttft = time_generate(engine, prompt, options.new_tokens)
-        decode_rates.append((options.new_tokens - 1) / (total - ttft))
+    try:
+        for _ in range(options.runs):
+            with telemetry.window() if telemetry else contextlib.nullcontext():
+                total, ttft = time_generate(engine, prompt, options.new_tokens)
+            decode_rates.append((options.new_tokens - 1) / (total - ttft))
+    finally:  # no nvidia-smi left sampling if a run fails
+        if telemetry:
+            telemetry.stop()
     decode_tok_s = statistics.median(decode_rates)
-    power = None
-    if telemetry:
-        telemetry.stop()
-        power = telemetry.summary()
+    power = telemetry.summary() if telemetry else None
     rank_power = [power]
     if dist.is_initialized() and world_size > 1:
         rank_power = [None] * world_size
