@@ -13,12 +13,14 @@ it is missing or fails, `GpuTelemetry.start` returns a sampler whose summary say
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,11 +107,12 @@ class GpuTelemetry:
     gpu: str
     interval_ms: int = 100
     error: str | None = None
-    _process: subprocess.Popen | None = None
-    _log: Path | None = None
-    _windows: list[tuple[float, float]] = field(default_factory=list)
-    _started: float = 0.0
-    _stopped: float = 0.0
+    samples: list[Sample] = field(default_factory=list, init=False)  # read by stop()
+    _process: subprocess.Popen | None = field(default=None, init=False)
+    _log: Path | None = field(default=None, init=False)
+    _windows: list[tuple[float, float]] = field(default_factory=list, init=False)
+    _started: float = field(default=0.0, init=False)
+    _stopped: float = field(default=0.0, init=False)
 
     @classmethod
     def start(cls, gpu: str, interval_ms: int = 100) -> GpuTelemetry:
@@ -145,11 +148,17 @@ class GpuTelemetry:
             self.error = f"nvidia-smi -i {self.gpu}: {(result.stdout + result.stderr).strip()[:200]}"
         return None
 
-    def window(self) -> _Window:
+    @contextlib.contextmanager
+    def window(self) -> Iterator[None]:
         """`with telemetry.window(): ...` records the span of the block."""
-        return _Window(self)
+        start = time.time()
+        try:
+            yield
+        finally:
+            self._windows.append((start, time.time()))
 
     def stop(self) -> None:
+        """End the sampling; its samples move from the temporary file to `samples`."""
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:
@@ -158,41 +167,23 @@ class GpuTelemetry:
                 self._process.kill()
                 self._process.wait()
         self._stopped = self._stopped or time.time()
-
-    def samples(self) -> list[Sample]:
-        if self._log is None or not self._log.exists():
-            return []
-        return parse_samples(self._log.read_text())
+        if self._log is not None:
+            self.samples = parse_samples(self._log.read_text()) if self._log.exists() else []
+            self._log.unlink(missing_ok=True)
+            self._log = None
 
     def summary(self) -> dict:
         """Over all windows together (or the whole sampling time if none was marked), plus each window's
         own summary under 'windows'. Call after stop()."""
         if self.error is not None:
             return {"source": "nvidia-smi", "error": self.error}
-        samples = self.samples()
         windows = self._windows or [(self._started, self._stopped or time.time())]
-        inside = [[s for s in samples if start <= s.time <= end] for start, end in windows]
+        inside = [[s for s in self.samples if start <= s.time <= end] for start, end in windows]
         result = {"source": "nvidia-smi", "gpu": self.gpu, "interval_ms": self.interval_ms,
                   **summarize([s for window in inside for s in window])}
         if self._windows:
             result["windows"] = [summarize(window) for window in inside]
-        if self._log is not None:
-            self._log.unlink(missing_ok=True)
-            self._log = None
         return result
-
-
-@dataclass
-class _Window:
-    telemetry: GpuTelemetry
-    _start: float = 0.0
-
-    def __enter__(self) -> _Window:
-        self._start = time.time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.telemetry._windows.append((self._start, time.time()))
 
 
 def gpu_id(device: object) -> str:

@@ -89,8 +89,12 @@ def test_the_sampler_reports_each_window_from_nvidia_smi(fake_smi, old_driver: b
     for _ in range(2):
         with telemetry.window():
             time.sleep(0.4)
+    log = telemetry._log
+    assert log is not None and log.exists()
     telemetry.stop()
+    assert not log.exists() and telemetry.samples  # read into memory, the temporary file removed
     summary = telemetry.summary()
+    assert telemetry.summary() == summary  # summarising again gives the same
     assert summary["gpu"] == "GPU-1234" and summary["source"] == "nvidia-smi"
     assert len(summary["windows"]) == 2
     for window in summary["windows"]:
