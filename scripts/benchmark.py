@@ -46,6 +46,7 @@ from gpt_fast_mixtral.checkpoint import meta_model  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
 from gpt_fast_mixtral.generate import Engine, SamplingParams, exit_rank  # noqa: E402
 from gpt_fast_mixtral.gpu_telemetry import GpuTelemetry, gpu_id  # noqa: E402
+from gpt_fast_mixtral.kernels import allreduce as allreduce_kernels  # noqa: E402
 from gpt_fast_mixtral.kernels import linear as linear_kernels  # noqa: E402
 from gpt_fast_mixtral.kernels import moe as moe_kernels  # noqa: E402
 from gpt_fast_mixtral.kernels import pdl  # noqa: E402
@@ -323,6 +324,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         quantize.WeightOnlyInt8Linear.preload_config = linear_kernels.PRELOAD_CONFIG if options.wo_preload else None
     if options.fused_all_reduce is not None:
         TensorParallelBlock.fused_all_reduce = options.fused_all_reduce
+    if options.push_pdl is not None:
+        allreduce_kernels.PDL = options.push_pdl
     moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG, **options.moe_settings)
     int8_linear = quantize.WeightOnlyInt8Linear
     int8_linear.kernel_config = dataclasses.replace(int8_linear.kernel_config, **options.linear_settings)
@@ -395,6 +398,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "compiled_prefill_ops": FusedOnGpu.enabled,
         "fused_rope_cache": Attention.fused_rope_cache,
         "pdl": pdl.ENABLED,
+        "push_pdl": allreduce_kernels.PDL,
         "decode_linear": Linear.decode_kernel,
         "wo_preload": quantize.WeightOnlyInt8Linear.preload_config is not None,
         "compile": compile_step,
@@ -521,6 +525,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fused-all-reduce", action=argparse.BooleanOptionalAction, default=None,
                         help="push all-reduces fused with the residual add, the norm and the routing (default: "
                              "tp.TensorParallelBlock.fused_all_reduce, on; applies with --all-reduce push)")
+    parser.add_argument("--push-pdl", action=argparse.BooleanOptionalAction, default=None,
+                        help="the push all-reduce kernels launched with programmatic dependent launch where "
+                             "--pdl is on, so the next kernel's programs come in (and load their weights) "
+                             "while the exchange waits on the peers (default: kernels.allreduce.PDL, on)")
     parser.add_argument("--baseline-json", type=Path, default=None,
                         help="a single-GPU result of the same session: adds speedup_vs_single")
     parser.add_argument("--batch-size", type=int, default=1)

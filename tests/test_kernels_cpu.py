@@ -381,3 +381,28 @@ def test_gate_up_launch_names_every_kernel_parameter(dtype, monkeypatch) -> None
     assert kwargs["HALF2"] == (dtype == torch.bfloat16)
     given = len(args) + len(set(kwargs) - {"num_warps", "num_stages", "launch_pdl"})
     assert given == len(kernel.arg_names), (sorted(kwargs), kernel.arg_names)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_push_all_reduce_kernels_release_first_and_read_nothing_written_before_their_wait(fused: bool) -> None:
+    """kernels.allreduce.PDL: a push kernel lets the next kernel in first thing (its programs then load their
+    weights while the exchange waits on the peers) and reads nothing another kernel writes, its phase counters
+    and the partial sums included, before its wait: only the norm and router weights may come before it."""
+    import triton.language as tl
+
+    if fused:
+        constexprs = dict(BITS=tl.int16, RANK=1, WORLD=2, PHASES=3, SENTINEL=-(1 << 15), BLOCK_D=4096, ROUTE=True,
+                          TOP_K=2, BLOCK_K=2, BLOCK_E=8, PDL=True)
+        types = ["*bf16"] * 7 + ["*i64", "*i64", "*i32", "i32", "i32", "i32", "fp32", "i32"] + ["i32"] * 5
+        ptx = compile_for_hopper(allreduce._push_residual_norm_kernel, types, constexprs, num_warps=16).asm["ptx"]
+    else:
+        constexprs = dict(BITS=tl.int16, RANK=1, WORLD=2, PHASES=3, SENTINEL=-(1 << 15), BLOCK=allreduce.BLOCK,
+                          PDL=True)
+        ptx = compile_for_hopper(allreduce._push_all_reduce_kernel, ["*bf16", "*bf16", "*i64", "*i32", "i32", "i32"],
+                                 constexprs).asm["ptx"]
+    release, wait = ptx.index("griddepcontrol.launch_dependents"), ptx.index("griddepcontrol.wait")
+    assert release < wait
+    before = ptx[:wait]
+    assert "st.global" not in before and "ld.volatile" not in before
+    # fused: the norm weights (4096 bfloat16 over 512 threads: one 16-byte load each) and the router's 8 rows
+    assert before.count("ld.global") == (9 if fused else 0)

@@ -29,6 +29,12 @@ sum (tp.TensorParallelBlock): one program per row waits for the whole row, adds 
 it and, after the attention, routes it to its experts (kernels.router's arithmetic). It shares the
 buffers, the counters and the grid of the plain kernel, so the two may follow each other in any order.
 
+On sm_90+ both kernels launch with PDL (kernels.pdl), so a tensor-parallel decode layer is one chain of
+kernels: they release the next kernel first thing and wait for the one before (which writes the partial
+sums) before reading anything but the norm and router weights, the counters included (two push kernels
+may follow each other). The next kernel's programs, scheduled early, only wait: they cannot hold back
+a push program, which is resident by then, nor a peer's.
+
 All ranks must run the same sequence of all-reduces (what tensor parallel decode does). A rank that never
 arrives leaves its peers spinning: the caller's timeout (torchrun, TorchServe) is the guard, as for NCCL.
 """
@@ -42,15 +48,25 @@ try:
     import triton
     import triton.language as tl
 
+    from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait
     from gpt_fast_mixtral.kernels.router import normed_row, rms_rstd, single_pass, store_routing
 except ImportError:  # CPU-only installs
     triton = None
+
+from gpt_fast_mixtral.kernels import pdl
 
 # Elements of a row that the fused kernels (PushAllReduce.residual_norm) hold in registers, and of the
 # router weights with it (kernels.router.single_pass): wider models take the separate kernels.
 ROW_ELEMENTS = 1 << 14
 
 PHASES = 3
+# The push kernels launch with PDL where kernels.pdl is active; False: the plain way (comparisons:
+# scripts/benchmark.py --no-push-pdl). Int8 Mixtral-8x7B tp2 on two H200s, alternating in one call
+# (session 23, results/h200x2_s23d_*): 423.8 / 423.0 tok/s against 406.3 / 408.0 without. The next
+# kernel's programs come in while the exchange waits on the peer and load their first weight tiles then
+# (wqkv after the norm's push; the grouped experts' gate_up only waits). Session 16 measured no gain with
+# the one-tile linears of then; the two early tiles of session 21 are what it lets in.
+PDL = True
 # Elements per program and chunk, and programs per launch (the grid never changes; see the counters above):
 # a batch-8 decode step's 32768 elements go out in one chunk per program.
 BLOCK = 1024
@@ -120,7 +136,10 @@ if triton is not None:
     @triton.jit
     def _push_all_reduce_kernel(x_ptr, out_ptr, buffers_ptr, counters_ptr, numel, capacity,
                                 BITS: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
-                                PHASES: tl.constexpr, SENTINEL: tl.constexpr, BLOCK: tl.constexpr):
+                                PHASES: tl.constexpr, SENTINEL: tl.constexpr, BLOCK: tl.constexpr,
+                                PDL: tl.constexpr = False):
+        pdl_release(PDL)
+        pdl_wait(PDL)
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         phase = tl.load(counters_ptr + pid)
@@ -147,26 +166,29 @@ if triton is not None:
                                    BITS: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
                                    PHASES: tl.constexpr, SENTINEL: tl.constexpr, BLOCK_D: tl.constexpr,
                                    ROUTE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   BLOCK_E: tl.constexpr):
+                                   BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
         """The push all-reduce of `rows` rows of `dim` partial sums, one whole row per program at a time, and
         what the model does next with the sum: h = x + sum, normed = RMSNorm(h) and, with ROUTE, the routing
         of normed (kernels.router). Slots, phases and counters as _push_all_reduce_kernel (the same grid, so
-        both kernels may share one buffer and its counters); row r's elements sit at r * dim."""
+        both kernels may share one buffer and its counters); row r's elements sit at r * dim. PDL: the norm
+        and router weights are loaded before the wait for the kernel before."""
+        pdl_release(PDL)
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
-        phase = tl.load(counters_ptr + pid)
-        own = tl.multiple_of(tl.load(buffers_ptr + RANK).to(tl.pointer_type(BITS)), 16)
-        phase_base = phase.to(tl.int64) * WORLD * capacity
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < dim
-        for row in range(pid, rows, programs):
-            _send(tl.load(part_ptr + row * stride_part + offs_d, mask=mask_d), buffers_ptr,
-                  phase_base + RANK * capacity + row * dim + offs_d, mask_d, BITS, WORLD, SENTINEL)
         norm_w = tl.load(norm_w_ptr + offs_d, mask=mask_d, other=0.0)
-        if ROUTE:  # loaded while the peers' parts are on their way
+        if ROUTE:  # loaded while the kernel before finishes, or the peers' parts are on their way
             offs_e = tl.arange(0, BLOCK_E)
             gate_w = tl.load(gate_w_ptr + offs_e[:, None] * stride_gate + offs_d[None, :],
                              mask=(offs_e < num_experts)[:, None] & mask_d[None, :], other=0.0)
+        pdl_wait(PDL)
+        phase = tl.load(counters_ptr + pid)
+        own = tl.multiple_of(tl.load(buffers_ptr + RANK).to(tl.pointer_type(BITS)), 16)
+        phase_base = phase.to(tl.int64) * WORLD * capacity
+        for row in range(pid, rows, programs):
+            _send(tl.load(part_ptr + row * stride_part + offs_d, mask=mask_d), buffers_ptr,
+                  phase_base + RANK * capacity + row * dim + offs_d, mask_d, BITS, WORLD, SENTINEL)
         for row in range(pid, rows, programs):
             x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
             total = _receive_sum(own, phase_base + row * dim + offs_d, capacity, mask_d, x_ptr.dtype.element_ty, BITS,
@@ -233,12 +255,14 @@ class PushAllReduce:
             ids = torch.empty(rows, top_k, dtype=torch.int64, device=x.device)
         else:  # placeholders, never touched
             num_experts, gate_weight, weights, ids = 1, norm_weight, h, h
+        use_pdl = PDL and pdl.active(x)
         _push_residual_norm_kernel[(self.counters.numel(),)](
             partial, x, h, normed, norm_weight, gate_weight, weights, ids, self.buffers, self.counters, rows, dim,
             num_experts, eps, self.capacity, partial.stride(0), x.stride(0), h.stride(0), normed.stride(0),
             gate_weight.stride(0), **self.constants, BLOCK_D=triton.next_power_of_2(dim), ROUTE=route,
             TOP_K=max(top_k, 1), BLOCK_K=max(2, triton.next_power_of_2(top_k)),
-            BLOCK_E=max(2, triton.next_power_of_2(num_experts)), num_warps=16)
+            BLOCK_E=max(2, triton.next_power_of_2(num_experts)), PDL=use_pdl, num_warps=16,
+            **pdl.launch_options(use_pdl))
         return (h, normed, weights, ids) if route else (h, normed)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -247,7 +271,8 @@ class PushAllReduce:
                              f"{x.numel()}")
         x = x.contiguous()
         out = torch.empty_like(x)
+        use_pdl = PDL and pdl.active(x)
         _push_all_reduce_kernel[(self.counters.numel(),)](
             x, out, self.buffers, self.counters, x.numel(), self.capacity, **self.constants, BLOCK=self.block,
-            num_warps=4)
+            PDL=use_pdl, num_warps=4, **pdl.launch_options(use_pdl))
         return out
