@@ -44,9 +44,15 @@ class GenerationRequest:
     explicit_max_new_tokens: bool
 
 
-def decode_body(body: object) -> dict[str, Any]:
-    """Turn what TorchServe hands over (dict for application/json, str for text/*, bytes otherwise)
-    into the JSON object of the request."""
+def decode_body(body: object, *, parsed: bool = False) -> dict[str, Any]:
+    """Turn what TorchServe hands over (the parsed JSON value for application/json, str for text/*,
+    bytes otherwise) into the JSON object of the request. `parsed`: TorchServe has parsed the body
+    already, so a str is a JSON string (e.g. an object encoded twice), not JSON text to parse."""
+    if parsed and isinstance(body, str):
+        hint = ("; it holds JSON encoded a second time: send the object itself"
+                if body.lstrip().startswith("{") else "")
+        raise RequestError(None, f'the request body must be a JSON object such as {{"prompt": "Hi"}}, '
+                                 f"not a JSON string{hint}")
     if isinstance(body, (bytes, bytearray)):
         try:
             body = bytes(body).decode("utf-8")
@@ -66,9 +72,10 @@ def decode_body(body: object) -> dict[str, Any]:
 
 
 def parse_request(body: object, *, default_max_new_tokens: int, default_stream: bool,
-                  max_seq_len: int) -> GenerationRequest:
-    """Validate one request body; raise RequestError naming the first bad field."""
-    fields = decode_body(body)
+                  max_seq_len: int, parsed: bool = False) -> GenerationRequest:
+    """Validate one request body; raise RequestError naming the first bad field. `parsed`: see
+    decode_body."""
+    fields = decode_body(body, parsed=parsed)
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; the allowed fields are "

@@ -152,6 +152,12 @@ BAD_BODIES: list[tuple[str, Body, str | None, str]] = [
     ("unknown field", {"prompt": "x", "max_tokens": 5}, "max_tokens", "unknown field"),
     ("lone surrogate in the prompt", b'{"prompt": "a\\ud800b"}', "prompt", "lone surrogate"),
     ("lone surrogate in a stop string", b'{"prompt": "a", "stop": ["\\udc00"]}', "stop", "lone surrogate"),
+    # TorchServe parses an application/json body itself: what reaches the handler is the JSON value.
+    ("JSON null", b"null", None, "not a JSON null"),
+    ("JSON number", b"42", None, "not a JSON number"),
+    ("JSON string", b'"The capital of France"', None, "not a JSON string"),
+    ("JSON object encoded again as a JSON string", json.dumps(json.dumps({"prompt": "x"})).encode(), None,
+     "not a JSON string"),
     ("prompt past the context", {"prompt": LONG_PROMPT}, "prompt", "shorten the prompt"),
     ("prompt + max_new_tokens past the context", {"prompt": "word " * 60, "max_new_tokens": 100},
      "max_new_tokens", "exceed the context"),
