@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,24 @@ FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 _SEED_LIMIT = 2**63  # seeds travel as int64 tensors
+
+
+@dataclass(frozen=True)
+class _LongInteger:
+    """A JSON integer with more digits than Python converts (sys.get_int_max_str_digits(), 4300 by
+    default): kept as its length, so that the field it came in is the one named in the error."""
+
+    digits: int
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _parse_int(text: str) -> int | _LongInteger:
+    try:
+        return int(text)
+    except ValueError:
+        return _LongInteger(len(text.lstrip("-")))
 
 
 class RequestError(ValueError):
@@ -62,9 +81,12 @@ def decode_body(body: object, *, parsed: bool = False) -> dict[str, Any]:
         if not body.strip():
             raise RequestError(None, 'the request body is empty; send a JSON object such as {"prompt": "Hi"}')
         try:
-            body = json.loads(body)
+            body = json.loads(body, parse_int=_parse_int)
         except json.JSONDecodeError as error:
             raise RequestError(None, f"the request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise RequestError(None, 'the request body is nested too deeply to read; send a flat JSON object '
+                                     'such as {"prompt": "Hi", "stop": ["\\n"]}') from None
     if not isinstance(body, dict):
         raise RequestError(None, f'the request body must be a JSON object such as {{"prompt": "Hi"}}, '
                                  f"not a JSON {_json_type(body)}")
@@ -143,7 +165,7 @@ def _json_type(value: object) -> str:
         return "null"
     if isinstance(value, bool):
         return "boolean"
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float, _LongInteger)):
         return "number"
     return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
@@ -156,6 +178,9 @@ def _optional_int(fields: dict[str, Any], name: str, low: int, high: int | None)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     span = f"from {low} to {high}" if high is not None else f">= {low}"
+    if isinstance(value, _LongInteger):
+        limit = "" if high is not None else f" of at most {sys.get_int_max_str_digits()} digits"
+        raise RequestError(name, f"{name} must be an integer {span}{limit}, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(name, f"{name} must be an integer {span}, not {_json_type(value)} {value!r}")
     if value < low or (high is not None and value > high):
@@ -167,11 +192,18 @@ def _optional_number(fields: dict[str, Any], name: str) -> float | None:
     value = fields.get(name)
     if value is None:
         return None
+    if isinstance(value, _LongInteger):
+        raise RequestError(name, f"{name} must be a finite number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(name, f"{name} must be a number, not {_json_type(value)} {value!r}")
-    if not math.isfinite(value):  # Python's json accepts NaN and Infinity
-        raise RequestError(name, f"{name} must be a finite number, got {value}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past the largest float (about 1.8e308)
+        raise RequestError(name, f"{name} must be a finite number, got an integer of {len(str(abs(value)))} "
+                                 "digits") from None
+    if not math.isfinite(number):  # Python's json accepts NaN and Infinity
+        raise RequestError(name, f"{name} must be a finite number, got {number}")
+    return number
 
 
 def _stop_strings(value: object) -> tuple[str, ...]:
