@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def parse_request(body: object, *, default_max_new_tokens: int, default_stream: 
     fields = decode_body(body, parsed=parsed)
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; the allowed fields are "
+        raise RequestError(unknown[0], f"unknown field {_quote(unknown[0])}; the allowed fields are "
                                        f"{', '.join(FIELDS)}")
 
     if "prompt" not in fields:
@@ -160,6 +161,17 @@ def fit_to_context(request: GenerationRequest, prompt_tokens: int, max_seq_len: 
     return SamplingParams(room, params.temperature, params.top_k, params.top_p, params.seed, params.stop)
 
 
+_SHORT = reprlib.Repr()  # quotes a client's value in a message (and the log) without its megabytes
+_SHORT.maxstring = _SHORT.maxlong = _SHORT.maxother = 60
+
+
+def _quote(value: object) -> str:
+    text = _SHORT.repr(value)
+    if isinstance(value, str) and len(value) > _SHORT.maxstring:
+        text += f" ({len(value)} characters)"
+    return text
+
+
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
@@ -182,9 +194,9 @@ def _optional_int(fields: dict[str, Any], name: str, low: int, high: int | None)
         limit = "" if high is not None else f" of at most {sys.get_int_max_str_digits()} digits"
         raise RequestError(name, f"{name} must be an integer {span}{limit}, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(name, f"{name} must be an integer {span}, not {_json_type(value)} {value!r}")
+        raise RequestError(name, f"{name} must be an integer {span}, not {_json_type(value)} {_quote(value)}")
     if value < low or (high is not None and value > high):
-        raise RequestError(name, f"{name} must be an integer {span}, got {value}")
+        raise RequestError(name, f"{name} must be an integer {span}, got {_quote(value)}")
     return value
 
 
@@ -195,7 +207,7 @@ def _optional_number(fields: dict[str, Any], name: str) -> float | None:
     if isinstance(value, _LongInteger):
         raise RequestError(name, f"{name} must be a finite number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(name, f"{name} must be a number, not {_json_type(value)} {value!r}")
+        raise RequestError(name, f"{name} must be a number, not {_json_type(value)} {_quote(value)}")
     try:
         number = float(value)
     except OverflowError:  # an integer past the largest float (about 1.8e308)
@@ -216,7 +228,7 @@ def _stop_strings(value: object) -> tuple[str, ...]:
     for item in value:
         if not isinstance(item, str) or not item or len(item) > MAX_STOP_CHARS:
             raise RequestError("stop", f"each stop string must be a non-empty string of at most "
-                                       f"{MAX_STOP_CHARS} characters, got {item!r}")
+                                       f"{MAX_STOP_CHARS} characters, got {_quote(item)}")
         _check_unicode("stop", item)
     return tuple(value)
 

@@ -193,6 +193,26 @@ def test_a_bad_request_gets_400_naming_its_field_and_spares_its_batch(
     assert worker.answer(good) == alone
 
 
+@pytest.mark.parametrize(("body", "field"), [
+    ({"prompt": "x", "k" * 100_000: 1}, "k" * 100_000),
+    ({"prompt": "x", "temperature": "hot" * 100_000}, "temperature"),
+    ({"prompt": "x", "stop": ["###" * 100_000]}, "stop"),
+    ({"prompt": "x", "stop": [["###"] * 100_000]}, "stop"),
+    (b'{"prompt": "x", "max_new_tokens": ' + b"9" * 4000 + b"}", "max_new_tokens"),
+], ids=["long unknown field", "long string for a number", "long stop string", "long non-string stop",
+        "4000-digit max_new_tokens"])
+def test_an_error_message_quotes_a_huge_value_only_in_part(worker: Worker, body: Body, field: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    # The message goes to the client and into the worker's log: it must not carry megabytes back.
+    caplog.set_level(logging.INFO)
+    [response], _ = worker.predict(body)
+    assert response.status == 400
+    error = json.loads(response.text)
+    assert error["field"] == field
+    assert len(error["message"]) < 400, error["message"][:400]
+    assert all(len(record.getMessage()) < 1000 for record in caplog.records)
+
+
 def test_a_body_that_is_not_a_json_object_under_a_json_content_type_is_a_400(worker: Worker) -> None:
     # TorchServe parses application/json itself and passes the bytes on when that fails.
     [response], _ = worker.predict(b'{"prompt": "x",', content_type="application/json")
