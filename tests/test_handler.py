@@ -213,6 +213,27 @@ def test_an_error_message_quotes_a_huge_value_only_in_part(worker: Worker, body:
     assert all(len(record.getMessage()) < 1000 for record in caplog.records)
 
 
+def test_every_shape_of_body_torchserve_passes_is_read(worker: Worker) -> None:
+    """Bytes, bytearray (what TorchServe's worker reads off its socket), str and an already-parsed object,
+    under `body` or `data` (multipart forms, the KServe wrappers), with or without part headers."""
+    from ts.context import RequestProcessor
+
+    good = {"prompt": "The capital of France", "max_new_tokens": 5}
+    alone = worker.answer(good)
+    text = json.dumps(good)
+    rows: list[Any] = [{"body": text.encode()}, {"data": bytearray(text.encode())}, {"data": dict(good)},
+                       {"body": text}, {"body": None}, {"file": b"{}"}]
+    context = worker.service.context
+    context.request_ids = {index: f"direct-{index}" for index in range(len(rows))}
+    context.request_processor = [RequestProcessor({}) for _ in rows]
+    context.metrics.request_ids = context.request_ids
+    answers = worker.handler.handle(rows, context)  # four valid rows: the engine's batch size
+    assert [context.get_response_status(index)[0] for index in range(len(rows))] == [200] * 4 + [400] * 2
+    assert answers[:4] == [alone] * 4
+    assert "not a JSON null" in json.loads(answers[4])["message"]
+    assert "no request body arrived" in json.loads(answers[5])["message"]
+
+
 def test_a_body_that_is_not_a_json_object_under_a_json_content_type_is_a_400(worker: Worker) -> None:
     # TorchServe parses application/json itself and passes the bytes on when that fails.
     [response], _ = worker.predict(b'{"prompt": "x",', content_type="application/json")
