@@ -32,7 +32,13 @@ try:
     from gpt_fast_mixtral.generate import Engine, GenerationError, GenerationResult, SamplingParams
     from gpt_fast_mixtral.model import Transformer
     from gpt_fast_mixtral.tp import apply_tensor_parallel, init_process_group
-    from handler.request_schema import GenerationRequest, RequestError, fit_to_context, parse_request
+    from handler.request_schema import (
+        GenerationRequest,
+        RequestError,
+        body_part,
+        fit_to_context,
+        parse_request,
+    )
     from handler.settings import HandlerSettings, enable_fx_graph_cache, resolve_path, select_device
 except ModuleNotFoundError as error:  # say how to fix it, not only which import failed
     raise ModuleNotFoundError(
@@ -150,11 +156,7 @@ class MixtralHandler(BaseHandler):
         assert self.engine is not None and self.settings is not None
         body, parsed = row, False
         if isinstance(row, dict):
-            name = next((key for key in ("body", "data") if key in row), None)
-            if name is None:
-                # What TorchServe passes for a form-encoded body, e.g. `curl -d` without a content type.
-                raise RequestError(None, "no request body arrived: send JSON with the header Content-Type: "
-                                         "application/json, or upload a file with curl -T request.json")
+            name = body_part(row)
             # TorchServe parses an application/json body itself (bytes stay bytes where that fails):
             # None is then a JSON null, and a str a JSON string rather than text to parse.
             body, parsed = row[name], self._content_type(context, index, name) == "application/json"

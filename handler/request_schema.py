@@ -64,6 +64,25 @@ class GenerationRequest:
     explicit_max_new_tokens: bool
 
 
+def body_part(parts: dict[str, Any]) -> str:
+    """Which part of a request as TorchServe hands it over holds the JSON body: `body` (the HTTP body)
+    or `data` (a multipart form field, as TorchServe's examples name it). Other form fields are not
+    read: they are refused rather than ignored, so that e.g. a field stream=true does not go unheeded.
+    (TorchServe drops query parameters before the handler: ?stream=true cannot be seen here.)"""
+    name = next((key for key in ("body", "data") if key in parts), None)
+    others = [str(key) for key in parts if key != name]
+    if name is None:
+        # What TorchServe passes for a form-encoded body, e.g. `curl -d` without a content type.
+        got = f" (only the form fields {', '.join(map(_quote, others[:4]))})" if others else ""
+        raise RequestError(None, f"no request body arrived{got}: send JSON with the header Content-Type: "
+                                 "application/json, upload a file with curl -T request.json, or send a "
+                                 "form field named data")
+    if others:
+        raise RequestError(others[0], f"the form field {_quote(others[0])} is not read: send every field in "
+                                      'the JSON body, e.g. {"prompt": "Hi", "stream": true}')
+    return name
+
+
 def decode_body(body: object, *, parsed: bool = False) -> dict[str, Any]:
     """Turn what TorchServe hands over (the parsed JSON value for application/json, str for text/*,
     bytes otherwise) into the JSON object of the request. `parsed`: TorchServe has parsed the body

@@ -234,6 +234,31 @@ def test_every_shape_of_body_torchserve_passes_is_read(worker: Worker) -> None:
     assert "no request body arrived" in json.loads(answers[5])["message"]
 
 
+def test_a_form_field_beside_the_body_gets_400_rather_than_being_ignored(worker: Worker) -> None:
+    """TorchServe hands the handler the fields of a multipart form as parts beside the body."""
+    from ts.context import RequestProcessor
+
+    good = {"prompt": "The capital of France", "max_new_tokens": 5}
+    alone = worker.answer(good)
+    rows: list[Any] = [{"data": dict(good), "stream": b"true"}, {"data": b"", "prompt": b"Hi"},
+                       {"data": json.dumps(good).encode(), "max_new_tokens": "3"}, {"body": dict(good)},
+                       {"file": b"{}"}]
+    context = worker.service.context
+    context.request_ids = {index: f"direct-{index}" for index in range(len(rows))}
+    context.request_processor = [RequestProcessor({}) for _ in rows]
+    context.metrics.request_ids = context.request_ids
+    answers = worker.handler.handle(rows, context)
+    assert [context.get_response_status(index)[0] for index in range(len(rows))] == [400, 400, 400, 200, 400]
+    for answer, field in zip(answers[:3], ["stream", "prompt", "max_new_tokens"], strict=True):
+        error = json.loads(answer)
+        assert error["field"] == field
+        assert field in error["message"] and "JSON body" in error["message"]
+    assert answers[3] == alone
+    error = json.loads(answers[4])
+    assert "no request body arrived (only the form fields 'file')" in error["message"]
+    assert "form field named data" in error["message"]
+
+
 def test_a_body_that_is_not_a_json_object_under_a_json_content_type_is_a_400(worker: Worker) -> None:
     # TorchServe parses application/json itself and passes the bytes on when that fails.
     [response], _ = worker.predict(b'{"prompt": "x",', content_type="application/json")
