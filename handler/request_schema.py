@@ -98,6 +98,7 @@ def decode_body(body: object, *, parsed: bool = False) -> dict[str, Any]:
         except UnicodeDecodeError as error:
             raise RequestError(None, f"the request body is not UTF-8 text: {error}") from None
     if isinstance(body, str):
+        body = body.removeprefix("\ufeff")  # a UTF-8 byte order mark, which RFC 8259 lets a parser skip
         if not body.strip():
             raise RequestError(None, 'the request body is empty; send a JSON object such as {"prompt": "Hi"}')
         try:

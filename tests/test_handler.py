@@ -259,6 +259,16 @@ def test_a_form_field_beside_the_body_gets_400_rather_than_being_ignored(worker:
     assert "form field named data" in error["message"]
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", ""])
+def test_a_utf8_byte_order_mark_before_the_json_is_skipped(worker: Worker, content_type: str) -> None:
+    # Windows tools (PowerShell 5's Set-Content -Encoding UTF8, Notepad) start UTF-8 files with one; RFC 8259
+    # lets a parser ignore it, and `curl -T request.json` sends the file as it is.
+    good = {"prompt": "The capital of France", "max_new_tokens": 5}
+    [response], _ = worker.predict("\ufeff".encode() + json.dumps(good).encode(), content_type=content_type)
+    assert response.status == 200, response.text
+    assert response.text == worker.answer(good)
+
+
 def test_a_body_that_is_not_a_json_object_under_a_json_content_type_is_a_400(worker: Worker) -> None:
     # TorchServe parses application/json itself and passes the bytes on when that fails.
     [response], _ = worker.predict(b'{"prompt": "x",', content_type="application/json")
