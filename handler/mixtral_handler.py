@@ -238,4 +238,3 @@ class MixtralHandler(BaseHandler):
         # TorchServe's metric log format allows only word characters in a unit.
         metrics.add_metric("DecodeTokensPerSecond", round(result.decode_tokens_per_s, 3), "tokens_per_second",
                            index, [], MetricTypes.GAUGE)
-
