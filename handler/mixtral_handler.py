@@ -32,7 +32,13 @@ try:
     from gpt_fast_mixtral.generate import Engine, GenerationError, GenerationResult, SamplingParams
     from gpt_fast_mixtral.model import Transformer
     from gpt_fast_mixtral.tp import apply_tensor_parallel, init_process_group
-    from handler.request_schema import GenerationRequest, RequestError, fit_to_context, parse_request
+    from handler.request_schema import (
+        GenerationRequest,
+        RequestError,
+        body_part,
+        fit_to_context,
+        parse_request,
+    )
     from handler.settings import HandlerSettings, enable_fx_graph_cache, resolve_path, select_device
 except ModuleNotFoundError as error:  # say how to fix it, not only which import failed
     raise ModuleNotFoundError(
@@ -130,7 +136,7 @@ class MixtralHandler(BaseHandler):
         jobs: list[Job] = []
         for index, row in enumerate(data):
             try:
-                jobs.append(self._prepare(index, row))
+                jobs.append(self._prepare(index, row, context))
             except RequestError as error:
                 logger.info("request %s rejected: %s", context.get_request_id(index), error.message)
                 answers[index] = self._error(context, index, 400, "BadRequest", error.message, error.field)
@@ -146,15 +152,17 @@ class MixtralHandler(BaseHandler):
                                      None, "ms", [])
         return answers
 
-    def _prepare(self, index: int, row: dict[str, Any]) -> Job:
+    def _prepare(self, index: int, row: dict[str, Any], context: Context) -> Job:
         assert self.engine is not None and self.settings is not None
-        body = row.get("body", row.get("data")) if isinstance(row, dict) else row
-        if body is None:
-            # What TorchServe passes for a form-encoded body, e.g. `curl -d` without a content type.
-            raise RequestError(None, "no request body arrived: send JSON with the header Content-Type: "
-                                     "application/json, or upload a file with curl -T request.json")
+        body, parsed = row, False
+        if isinstance(row, dict):
+            name = body_part(row)
+            # TorchServe parses an application/json body itself (bytes stay bytes where that fails):
+            # None is then a JSON null, and a str a JSON string rather than text to parse.
+            body, parsed = row[name], self._content_type(context, index, name) == "application/json"
         request = parse_request(body, default_max_new_tokens=self.settings.max_new_tokens,
-                                default_stream=self.settings.stream, max_seq_len=self.engine.max_seq_len)
+                                default_stream=self.settings.stream, max_seq_len=self.engine.max_seq_len,
+                                parsed=parsed)
         prompt_tokens = self.engine.encode(request.prompt)
         params = fit_to_context(request, len(prompt_tokens), self.engine.max_seq_len)
         try:
@@ -162,6 +170,16 @@ class MixtralHandler(BaseHandler):
         except GenerationError as error:  # the engine's own limits; its message names the setting
             raise RequestError(None, str(error)) from None
         return index, request, prompt_tokens, params
+
+    @staticmethod
+    def _content_type(context: Context, index: int, name: str) -> str:
+        """The content type TorchServe received request `index`'s part `name` with ('' when unknown)."""
+        try:
+            header = context.get_request_header(index, name)
+        except (AttributeError, IndexError, KeyError, TypeError):  # no request headers (a direct call)
+            return ""
+        # An HTTP header of the same name would replace the part's {"content-type": ...}: then unknown.
+        return str(header.get("content-type") or "") if isinstance(header, dict) else ""
 
     def _generate(self, jobs: list[Job], answers: list[str], context: Context) -> None:
         assert self.engine is not None

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,24 @@ FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 _SEED_LIMIT = 2**63  # seeds travel as int64 tensors
+
+
+@dataclass(frozen=True)
+class _LongInteger:
+    """A JSON integer with more digits than Python converts (sys.get_int_max_str_digits(), 4300 by
+    default): kept as its length, so that the field it came in is the one named in the error."""
+
+    digits: int
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _parse_int(text: str) -> int | _LongInteger:
+    try:
+        return int(text)
+    except ValueError:
+        return _LongInteger(len(text.lstrip("-")))
 
 
 class RequestError(ValueError):
@@ -44,21 +64,50 @@ class GenerationRequest:
     explicit_max_new_tokens: bool
 
 
-def decode_body(body: object) -> dict[str, Any]:
-    """Turn what TorchServe hands over (dict for application/json, str for text/*, bytes otherwise)
-    into the JSON object of the request."""
+def body_part(parts: dict[str, Any]) -> str:
+    """Which part of a request as TorchServe hands it over holds the JSON body: `body` (the HTTP body)
+    or `data` (a multipart form field, as TorchServe's examples name it). Other form fields are not
+    read: they are refused rather than ignored, so that e.g. a field stream=true does not go unheeded.
+    (TorchServe drops query parameters before the handler: ?stream=true cannot be seen here.)"""
+    name = next((key for key in ("body", "data") if key in parts), None)
+    others = [str(key) for key in parts if key != name]
+    if name is None:
+        # What TorchServe passes for a form-encoded body, e.g. `curl -d` without a content type.
+        got = f" (only the form fields {', '.join(map(_quote, others[:4]))})" if others else ""
+        raise RequestError(None, f"no request body arrived{got}: send JSON with the header Content-Type: "
+                                 "application/json, upload a file with curl -T request.json, or send a "
+                                 "form field named data")
+    if others:
+        raise RequestError(others[0], f"the form field {_quote(others[0])} is not read: send every field in "
+                                      'the JSON body, e.g. {"prompt": "Hi", "stream": true}')
+    return name
+
+
+def decode_body(body: object, *, parsed: bool = False) -> dict[str, Any]:
+    """Turn what TorchServe hands over (the parsed JSON value for application/json, str for text/*,
+    bytes otherwise) into the JSON object of the request. `parsed`: TorchServe has parsed the body
+    already, so a str is a JSON string (e.g. an object encoded twice), not JSON text to parse."""
+    if parsed and isinstance(body, str):
+        hint = ("; it holds JSON encoded a second time: send the object itself"
+                if body.lstrip().startswith("{") else "")
+        raise RequestError(None, f'the request body must be a JSON object such as {{"prompt": "Hi"}}, '
+                                 f"not a JSON string{hint}")
     if isinstance(body, (bytes, bytearray)):
         try:
             body = bytes(body).decode("utf-8")
         except UnicodeDecodeError as error:
             raise RequestError(None, f"the request body is not UTF-8 text: {error}") from None
     if isinstance(body, str):
+        body = body.removeprefix("\ufeff")  # a UTF-8 byte order mark, which RFC 8259 lets a parser skip
         if not body.strip():
             raise RequestError(None, 'the request body is empty; send a JSON object such as {"prompt": "Hi"}')
         try:
-            body = json.loads(body)
+            body = json.loads(body, parse_int=_parse_int)
         except json.JSONDecodeError as error:
             raise RequestError(None, f"the request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise RequestError(None, 'the request body is nested too deeply to read; send a flat JSON object '
+                                     'such as {"prompt": "Hi", "stop": ["\\n"]}') from None
     if not isinstance(body, dict):
         raise RequestError(None, f'the request body must be a JSON object such as {{"prompt": "Hi"}}, '
                                  f"not a JSON {_json_type(body)}")
@@ -66,12 +115,13 @@ def decode_body(body: object) -> dict[str, Any]:
 
 
 def parse_request(body: object, *, default_max_new_tokens: int, default_stream: bool,
-                  max_seq_len: int) -> GenerationRequest:
-    """Validate one request body; raise RequestError naming the first bad field."""
-    fields = decode_body(body)
+                  max_seq_len: int, parsed: bool = False) -> GenerationRequest:
+    """Validate one request body; raise RequestError naming the first bad field. `parsed`: see
+    decode_body."""
+    fields = decode_body(body, parsed=parsed)
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; the allowed fields are "
+        raise RequestError(unknown[0], f"unknown field {_quote(unknown[0])}; the allowed fields are "
                                        f"{', '.join(FIELDS)}")
 
     if "prompt" not in fields:
@@ -131,12 +181,23 @@ def fit_to_context(request: GenerationRequest, prompt_tokens: int, max_seq_len: 
     return SamplingParams(room, params.temperature, params.top_k, params.top_p, params.seed, params.stop)
 
 
+_SHORT = reprlib.Repr()  # quotes a client's value in a message (and the log) without its megabytes
+_SHORT.maxstring = _SHORT.maxlong = _SHORT.maxother = 60
+
+
+def _quote(value: object) -> str:
+    text = _SHORT.repr(value)
+    if isinstance(value, str) and len(value) > _SHORT.maxstring:
+        text += f" ({len(value)} characters)"
+    return text
+
+
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "boolean"
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float, _LongInteger)):
         return "number"
     return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
@@ -149,10 +210,13 @@ def _optional_int(fields: dict[str, Any], name: str, low: int, high: int | None)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     span = f"from {low} to {high}" if high is not None else f">= {low}"
+    if isinstance(value, _LongInteger):
+        limit = "" if high is not None else f" of at most {sys.get_int_max_str_digits()} digits"
+        raise RequestError(name, f"{name} must be an integer {span}{limit}, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(name, f"{name} must be an integer {span}, not {_json_type(value)} {value!r}")
+        raise RequestError(name, f"{name} must be an integer {span}, not {_json_type(value)} {_quote(value)}")
     if value < low or (high is not None and value > high):
-        raise RequestError(name, f"{name} must be an integer {span}, got {value}")
+        raise RequestError(name, f"{name} must be an integer {span}, got {_quote(value)}")
     return value
 
 
@@ -160,11 +224,18 @@ def _optional_number(fields: dict[str, Any], name: str) -> float | None:
     value = fields.get(name)
     if value is None:
         return None
+    if isinstance(value, _LongInteger):
+        raise RequestError(name, f"{name} must be a finite number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(name, f"{name} must be a number, not {_json_type(value)} {value!r}")
-    if not math.isfinite(value):  # Python's json accepts NaN and Infinity
-        raise RequestError(name, f"{name} must be a finite number, got {value}")
-    return float(value)
+        raise RequestError(name, f"{name} must be a number, not {_json_type(value)} {_quote(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past the largest float (about 1.8e308)
+        raise RequestError(name, f"{name} must be a finite number, got an integer of {len(str(abs(value)))} "
+                                 "digits") from None
+    if not math.isfinite(number):  # Python's json accepts NaN and Infinity
+        raise RequestError(name, f"{name} must be a finite number, got {number}")
+    return number
 
 
 def _stop_strings(value: object) -> tuple[str, ...]:
@@ -177,7 +248,7 @@ def _stop_strings(value: object) -> tuple[str, ...]:
     for item in value:
         if not isinstance(item, str) or not item or len(item) > MAX_STOP_CHARS:
             raise RequestError("stop", f"each stop string must be a non-empty string of at most "
-                                       f"{MAX_STOP_CHARS} characters, got {item!r}")
+                                       f"{MAX_STOP_CHARS} characters, got {_quote(item)}")
         _check_unicode("stop", item)
     return tuple(value)
 

@@ -152,6 +152,21 @@ BAD_BODIES: list[tuple[str, Body, str | None, str]] = [
     ("unknown field", {"prompt": "x", "max_tokens": 5}, "max_tokens", "unknown field"),
     ("lone surrogate in the prompt", b'{"prompt": "a\\ud800b"}', "prompt", "lone surrogate"),
     ("lone surrogate in a stop string", b'{"prompt": "a", "stop": ["\\udc00"]}', "stop", "lone surrogate"),
+    # TorchServe parses an application/json body itself: what reaches the handler is the JSON value.
+    ("JSON null", b"null", None, "not a JSON null"),
+    ("JSON number", b"42", None, "not a JSON number"),
+    ("JSON string", b'"The capital of France"', None, "not a JSON string"),
+    ("JSON object encoded again as a JSON string", json.dumps(json.dumps({"prompt": "x"})).encode(), None,
+     "not a JSON string"),
+    # Python refuses to read integers of more than 4300 digits, and floats stop at about 1.8e308.
+    ("integer too long to read", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", "seed", "5000 digits"),
+    ("top_k too long to read", b'{"prompt": "x", "top_k": ' + b"9" * 5000 + b"}", "top_k", "at most 4300 digits"),
+    ("temperature too large for a float", b'{"prompt": "x", "temperature": 1' + b"0" * 400 + b"}",
+     "temperature", "finite number"),
+    ("top_p too large for a float", b'{"prompt": "x", "top_p": 1' + b"0" * 400 + b"}", "top_p",
+     "finite number"),
+    ("body nested too deeply", b'{"prompt": "x", "stop": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None,
+     "nested too deeply"),
     ("prompt past the context", {"prompt": LONG_PROMPT}, "prompt", "shorten the prompt"),
     ("prompt + max_new_tokens past the context", {"prompt": "word " * 60, "max_new_tokens": 100},
      "max_new_tokens", "exceed the context"),
@@ -176,6 +191,82 @@ def test_a_bad_request_gets_400_naming_its_field_and_spares_its_batch(
     assert before.status == after.status == 200
     assert before.text == after.text == alone
     assert worker.answer(good) == alone
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"prompt": "x", "k" * 100_000: 1}, "k" * 100_000),
+    ({"prompt": "x", "temperature": "hot" * 100_000}, "temperature"),
+    ({"prompt": "x", "stop": ["###" * 100_000]}, "stop"),
+    ({"prompt": "x", "stop": [["###"] * 100_000]}, "stop"),
+    (b'{"prompt": "x", "max_new_tokens": ' + b"9" * 4000 + b"}", "max_new_tokens"),
+], ids=["long unknown field", "long string for a number", "long stop string", "long non-string stop",
+        "4000-digit max_new_tokens"])
+def test_an_error_message_quotes_a_huge_value_only_in_part(worker: Worker, body: Body, field: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    # The message goes to the client and into the worker's log: it must not carry megabytes back.
+    caplog.set_level(logging.INFO)
+    [response], _ = worker.predict(body)
+    assert response.status == 400
+    error = json.loads(response.text)
+    assert error["field"] == field
+    assert len(error["message"]) < 400, error["message"][:400]
+    assert all(len(record.getMessage()) < 1000 for record in caplog.records)
+
+
+def test_every_shape_of_body_torchserve_passes_is_read(worker: Worker) -> None:
+    """Bytes, bytearray (what TorchServe's worker reads off its socket), str and an already-parsed object,
+    under `body` or `data` (multipart forms, the KServe wrappers), with or without part headers."""
+    from ts.context import RequestProcessor
+
+    good = {"prompt": "The capital of France", "max_new_tokens": 5}
+    alone = worker.answer(good)
+    text = json.dumps(good)
+    rows: list[Any] = [{"body": text.encode()}, {"data": bytearray(text.encode())}, {"data": dict(good)},
+                       {"body": text}, {"body": None}, {"file": b"{}"}]
+    context = worker.service.context
+    context.request_ids = {index: f"direct-{index}" for index in range(len(rows))}
+    context.request_processor = [RequestProcessor({}) for _ in rows]
+    context.metrics.request_ids = context.request_ids
+    answers = worker.handler.handle(rows, context)  # four valid rows: the engine's batch size
+    assert [context.get_response_status(index)[0] for index in range(len(rows))] == [200] * 4 + [400] * 2
+    assert answers[:4] == [alone] * 4
+    assert "not a JSON null" in json.loads(answers[4])["message"]
+    assert "no request body arrived" in json.loads(answers[5])["message"]
+
+
+def test_a_form_field_beside_the_body_gets_400_rather_than_being_ignored(worker: Worker) -> None:
+    """TorchServe hands the handler the fields of a multipart form as parts beside the body."""
+    from ts.context import RequestProcessor
+
+    good = {"prompt": "The capital of France", "max_new_tokens": 5}
+    alone = worker.answer(good)
+    rows: list[Any] = [{"data": dict(good), "stream": b"true"}, {"data": b"", "prompt": b"Hi"},
+                       {"data": json.dumps(good).encode(), "max_new_tokens": "3"}, {"body": dict(good)},
+                       {"file": b"{}"}]
+    context = worker.service.context
+    context.request_ids = {index: f"direct-{index}" for index in range(len(rows))}
+    context.request_processor = [RequestProcessor({}) for _ in rows]
+    context.metrics.request_ids = context.request_ids
+    answers = worker.handler.handle(rows, context)
+    assert [context.get_response_status(index)[0] for index in range(len(rows))] == [400, 400, 400, 200, 400]
+    for answer, field in zip(answers[:3], ["stream", "prompt", "max_new_tokens"], strict=True):
+        error = json.loads(answer)
+        assert error["field"] == field
+        assert field in error["message"] and "JSON body" in error["message"]
+    assert answers[3] == alone
+    error = json.loads(answers[4])
+    assert "no request body arrived (only the form fields 'file')" in error["message"]
+    assert "form field named data" in error["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain", ""])
+def test_a_utf8_byte_order_mark_before_the_json_is_skipped(worker: Worker, content_type: str) -> None:
+    # Windows tools (PowerShell 5's Set-Content -Encoding UTF8, Notepad) start UTF-8 files with one; RFC 8259
+    # lets a parser ignore it, and `curl -T request.json` sends the file as it is.
+    good = {"prompt": "The capital of France", "max_new_tokens": 5}
+    [response], _ = worker.predict("\ufeff".encode() + json.dumps(good).encode(), content_type=content_type)
+    assert response.status == 200, response.text
+    assert response.text == worker.answer(good)
 
 
 def test_a_body_that_is_not_a_json_object_under_a_json_content_type_is_a_400(worker: Worker) -> None:

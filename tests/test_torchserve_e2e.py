@@ -175,6 +175,39 @@ def test_a_bad_request_gets_400_naming_the_field_and_the_worker_carries_on(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8"])
+@pytest.mark.parametrize(("body", "kind"), [
+    (b"null", "null"), (b"[1, 2]", "array"), (b'"The capital of France"', "string"),
+    (json.dumps(json.dumps({"prompt": "x"})).encode(), "string"),
+], ids=["null", "array", "string", "object encoded twice"])
+def test_a_json_body_that_is_not_an_object_gets_400_saying_so(server: TorchServe, body: bytes, kind: str,
+                                                               content_type: str) -> None:
+    reply = predict(server, body, headers={"Content-Type": content_type})
+    assert reply.status_code == 400, reply.text
+    error = json.loads(reply.text)
+    assert error["field"] is None
+    assert f"must be a JSON object such as {{\"prompt\": \"Hi\"}}, not a JSON {kind}" in error["message"]
+
+
+@pytest.mark.slow
+def test_a_multipart_upload_under_another_name_gets_400_naming_the_form_field(server: TorchServe) -> None:
+    request = b'{"prompt": "The capital of France", "max_new_tokens": 5}'
+    reply = requests.post(f"{server.inference_url}/predictions/tiny", timeout=TIMEOUT,
+                          files={"file": ("request.json", request, "application/json")})
+    assert reply.status_code == 400, reply.text
+    assert "'file'" in json.loads(reply.text)["message"]
+    uploaded = requests.post(f"{server.inference_url}/predictions/tiny", timeout=TIMEOUT,
+                             files={"data": ("request.json", request, "application/json")})
+    assert uploaded.status_code == 200 and uploaded.text == answer(server, json.loads(request))
+    # A setting in a form field of its own would be ignored: it is refused.
+    streamed = requests.post(f"{server.inference_url}/predictions/tiny", timeout=TIMEOUT, data={"stream": "true"},
+                             files={"data": ("request.json", request, "application/json")})
+    assert streamed.status_code == 400, streamed.text
+    error = json.loads(streamed.text)
+    assert error["field"] == "stream" and "JSON body" in error["message"]
+
+
+@pytest.mark.slow
 def test_a_form_encoded_body_gets_400_saying_how_to_send_json(server: TorchServe) -> None:
     # `curl -d '{...}'` without a content type sends a form, which TorchServe drops before the handler.
     reply = predict(server, b'{"prompt": "x"}', headers={"Content-Type": "application/x-www-form-urlencoded"})
