@@ -33,18 +33,16 @@ class CheckpointError(ValueError):
 
 class _SafetensorsSource:
     def __init__(self, checkpoint_dir: Path) -> None:
-        from safetensors import safe_open
-
         index_path = checkpoint_dir / "model.safetensors.index.json"
         if index_path.is_file():
-            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+            weight_map = _read_weight_map(index_path)
         else:
             files = sorted(checkpoint_dir.glob("*.safetensors"))
             if len(files) != 1:
                 raise CheckpointError(
                     f"{checkpoint_dir} has {len(files)} .safetensors files and no "
                     "model.safetensors.index.json: re-download the checkpoint with scripts/download.py")
-            with safe_open(files[0], framework="pt") as handle:
+            with _open_safetensors(files[0]) as handle:
                 weight_map = dict.fromkeys(handle.keys(), files[0].name)
         missing = sorted({name for name in weight_map.values() if not (checkpoint_dir / name).is_file()})
         if missing:
@@ -52,7 +50,7 @@ class _SafetensorsSource:
                 f"{checkpoint_dir} lacks {len(missing)} shard(s) named in its index, e.g. {missing[0]}: "
                 "the download is incomplete; run scripts/download.py again to finish it")
         self._weight_map = weight_map
-        self._handles = {name: safe_open(checkpoint_dir / name, framework="pt")
+        self._handles = {name: _open_safetensors(checkpoint_dir / name)
                          for name in sorted(set(weight_map.values()))}
 
     def keys(self) -> set[str]:
@@ -60,6 +58,32 @@ class _SafetensorsSource:
 
     def get(self, key: str) -> Tensor:
         return self._handles[self._weight_map[key]].get_tensor(key)
+
+
+def _open_safetensors(path: Path):  # noqa: ANN202 (safetensors' handle type is private)
+    """safe_open, with a damaged file (truncated or cut short by a failed download) as a CheckpointError."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as error:  # SafetensorError: header too small or too large, file not fully covered
+        raise CheckpointError(
+            f"cannot read {path} ({error}): the file is damaged or incomplete; delete it and run "
+            "scripts/download.py again to fetch it") from error
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        weight_map = error
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()):
+        reason = f" ({weight_map})" if isinstance(weight_map, Exception) else ""
+        raise CheckpointError(
+            f"{index_path} is not a valid safetensors index (a JSON object whose 'weight_map' maps tensor names "
+            f"to shard files){reason}: delete it and run scripts/download.py again to fetch it")
+    return weight_map
 
 
 class _TorchSource:

@@ -113,6 +113,37 @@ def test_several_safetensors_without_an_index_are_refused(tiny_checkpoint_dir, t
         convert_checkpoint(directory)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_safetensors_file_is_refused_naming_it(tiny_checkpoint_dir, tmp_path, damage):
+    directory = copy_of(tiny_checkpoint_dir, tmp_path / damage)
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors.*download.py again"):
+        convert_checkpoint(directory)
+    assert left_behind(directory) == set()
+
+
+def test_a_truncated_shard_of_a_sharded_checkpoint_is_refused_naming_it(sharded_source, tmp_path):
+    broken = copy_of(sharded_source, tmp_path / "truncated")
+    shard = sorted(broken.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.unlink()  # copy_of links large shards: replace the link, not the source it points to
+    shard.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match=rf"cannot read .*{shard.name}.*download.py again"):
+        convert_checkpoint(broken)
+    assert left_behind(broken) == set()
+
+
+@pytest.mark.parametrize("index", ['{"metadata": ', '{"metadata": {}}', '[]', '{"weight_map": ["a"]}'])
+def test_an_unreadable_safetensors_index_is_refused_naming_it(tiny_checkpoint_dir, tmp_path, index):
+    directory = copy_of(tiny_checkpoint_dir, tmp_path / "index")
+    (directory / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json.*download.py again"):
+        convert_checkpoint(directory)
+    assert left_behind(directory) == set()
+
+
 def test_a_missing_directory_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="is not a directory"):
         convert_checkpoint(tmp_path / "absent")
