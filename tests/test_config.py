@@ -209,6 +209,35 @@ def test_non_positive_or_non_integer_sizes_are_refused(key, value):
         ModelArgs.from_hf_config({**MIXTRAL_8X7B, key: value})
 
 
+@pytest.mark.parametrize("key", ["rms_norm_eps", "rope_theta", "max_position_embeddings", "bos_token_id"])
+def test_null_optional_values_take_their_defaults(key):
+    args = ModelArgs.from_hf_config({**MIXTRAL_8X7B, key: None})
+    assert getattr(args, {"rms_norm_eps": "norm_eps"}.get(key, key)) == getattr(EXPECTED_8X7B, {
+        "rms_norm_eps": "norm_eps"}.get(key, key))
+
+
+@pytest.mark.parametrize(("key", "value"), [("rms_norm_eps", "tiny"), ("rope_theta", [1e6]), ("eos_token_id", "x"),
+                                            ("sliding_window", "4096"), ("sliding_window", 4096.5),
+                                            ("rope_parameters", "default"), ("num_attention_heads", None)])
+def test_values_of_the_wrong_type_are_config_errors_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=key):
+        ModelArgs.from_hf_config({**MIXTRAL_8X7B, key: value})
+
+
+@pytest.mark.parametrize(("key", "value"), [("norm_eps", "small"), ("rope_theta", "big"), ("n_kv_heads", "8"),
+                                            ("dim", None), ("moe", [8, 2]), ("sliding_window", "4096")])
+def test_params_json_values_of_the_wrong_type_are_config_errors(key, value):
+    with pytest.raises(ConfigError, match=key):
+        ModelArgs.from_mistral_params({**MIXTRAL_8X7B_PARAMS, key: value})
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"mixtral"', "null"])
+def test_a_config_that_is_not_a_json_object_is_refused(tmp_path: Path, content: str):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ConfigError, match="config.json must hold a JSON object"):
+        load_model_args(tmp_path)
+
+
 def test_config_error_is_a_value_error():
     """CLIs and the handler catch ValueError; ConfigError must be one."""
     assert issubclass(ConfigError, ValueError)
