@@ -67,6 +67,11 @@ class ModelArgs:
             raise ConfigError(
                 f"config.json has model_type={model_type!r}; only Mixtral-shaped MoE models "
                 "(model_type 'mixtral') are supported")
+        act = config.get("hidden_act") or "silu"
+        if act not in ("silu", "swish"):  # transformers' names for the same function
+            raise ConfigError(
+                f"config.json: hidden_act {act!r} is not supported: the experts of this engine compute "
+                "SiLU (hidden_act 'silu', as every Mixtral does)")
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size", "num_local_experts", "num_experts_per_tok")
         missing = [key for key in required if key not in config]
