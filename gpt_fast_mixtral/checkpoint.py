@@ -267,7 +267,9 @@ def convert_checkpoint(checkpoint_dir: str | Path, output_path: str | Path | Non
         if key not in keys:
             raise CheckpointError(
                 f"{checkpoint_dir} has no tensor {key}: the checkpoint is incomplete or not a Mixtral model")
-        return source.get(key)
+        tensor = source.get(key)
+        _check_unquantized(key, tensor)
+        return tensor
 
     def produce() -> Iterator[tuple[str, Tensor]]:
         for name, (shape, _) in expected.items():
@@ -283,10 +285,25 @@ def convert_checkpoint(checkpoint_dir: str | Path, output_path: str | Path | Non
     return output_path
 
 
+UNQUANTIZED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _check_unquantized(key: str, tensor: Tensor) -> None:
+    """Refuse weights stored quantized (float8, int8, packed ints): cast to float without their scales,
+    they would make a model of garbage."""
+    if tensor.dtype not in UNQUANTIZED_DTYPES:
+        raise CheckpointError(
+            f"{key} is stored as {str(tensor.dtype).removeprefix('torch.')}: this checkpoint is quantized, and "
+            "the converter reads unquantized weights (bfloat16, float16 or float32) only; download the "
+            "unquantized release and make int8 weights with scripts/quantize.py")
+
+
 def _source_dtype(source: _SafetensorsSource | _TorchSource, keys: set[str]) -> torch.dtype:
     for key in ("model.embed_tokens.weight", "tok_embeddings.weight"):
         if key in keys:
-            return source.get(key).dtype
+            tensor = source.get(key)
+            _check_unquantized(key, tensor)
+            return tensor.dtype
     return torch.bfloat16
 
 

@@ -67,6 +67,13 @@ class ModelArgs:
             raise ConfigError(
                 f"config.json has model_type={model_type!r}; only Mixtral-shaped MoE models "
                 "(model_type 'mixtral') are supported")
+        quantization = config.get("quantization_config")
+        if quantization:
+            method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+            raise ConfigError(
+                f"config.json describes a checkpoint already quantized ({method}): the converter reads "
+                "unquantized weights (bfloat16, float16 or float32) only; download the unquantized release "
+                "(e.g. mistralai/Mixtral-8x7B-v0.1) and make int8 weights with scripts/quantize.py")
         act = config.get("hidden_act") or "silu"
         if act not in ("silu", "swish"):  # transformers' names for the same function
             raise ConfigError(

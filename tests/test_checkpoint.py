@@ -118,6 +118,7 @@ def test_a_damaged_safetensors_file_is_refused_naming_it(tiny_checkpoint_dir, tm
     directory = copy_of(tiny_checkpoint_dir, tmp_path / damage)
     weights = directory / "model.safetensors"
     data = weights.read_bytes()
+    weights.unlink()  # copy_of may link it to the shared fixture's file: replace the link, not that file
     weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
     with pytest.raises(CheckpointError, match=r"cannot read .*model\.safetensors.*download.py again"):
         convert_checkpoint(directory)
@@ -128,7 +129,7 @@ def test_a_truncated_shard_of_a_sharded_checkpoint_is_refused_naming_it(sharded_
     broken = copy_of(sharded_source, tmp_path / "truncated")
     shard = sorted(broken.glob("*.safetensors"))[1]
     data = shard.read_bytes()
-    shard.unlink()  # copy_of links large shards: replace the link, not the source it points to
+    shard.unlink()  # copy_of links large shards: replace the link, not the file it points to
     shard.write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match=rf"cannot read .*{shard.name}.*download.py again"):
         convert_checkpoint(broken)
@@ -140,6 +141,31 @@ def test_an_unreadable_safetensors_index_is_refused_naming_it(tiny_checkpoint_di
     directory = copy_of(tiny_checkpoint_dir, tmp_path / "index")
     (directory / "model.safetensors.index.json").write_text(index)
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json.*download.py again"):
+        convert_checkpoint(directory)
+    assert left_behind(directory) == set()
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_weights_stored_quantized_are_refused_not_cast(tiny_checkpoint_dir, tmp_path, dtype):
+    """A checkpoint whose projections are stored as float8 or int8 (their scales in other tensors) was
+    converted by casting the raw values to float: a model of garbage. It is refused, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    directory = copy_of(tiny_checkpoint_dir, tmp_path / "quantized")
+    weights = load_file(directory / "model.safetensors")
+    name = "model.layers.1.self_attn.k_proj.weight"
+    weights[name] = weights[name].clamp(-1, 1).to(dtype)
+    (directory / "model.safetensors").unlink()  # a link to the shared fixture's file, perhaps
+    save_file(weights, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"{name} is stored as {str(dtype)[6:]}.*quantized.*unquantized"):
+        convert_checkpoint(directory)
+    assert left_behind(directory) == set()
+
+
+def test_a_config_with_a_quantization_config_is_refused_before_any_weight_is_read(tiny_checkpoint_dir, tmp_path):
+    directory = copy_of(tiny_checkpoint_dir, tmp_path / "fp8")
+    edit_config(directory, quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic"})
+    with pytest.raises(ConfigError, match=r"quantized \(fp8\)"):
         convert_checkpoint(directory)
     assert left_behind(directory) == set()
 

@@ -191,6 +191,16 @@ def test_top_k_above_the_number_of_experts_is_refused():
         ModelArgs.from_hf_config({**MIXTRAL_8X7B, "num_experts_per_tok": 9})
 
 
+@pytest.mark.parametrize("method", ["fp8", "gptq", "awq", "bitsandbytes", "compressed-tensors"])
+def test_a_prequantized_checkpoint_is_refused_saying_what_to_download(method):
+    with pytest.raises(ConfigError, match=rf"quantized \({method}\).*unquantized.*scripts/quantize.py"):
+        ModelArgs.from_hf_config({**MIXTRAL_8X7B, "quantization_config": {"quant_method": method, "bits": 4}})
+
+
+def test_a_null_quantization_config_is_no_quantization():
+    assert ModelArgs.from_hf_config({**MIXTRAL_8X7B, "quantization_config": None}) == EXPECTED_8X7B
+
+
 @pytest.mark.parametrize("act", ["gelu", "relu", "gelu_pytorch_tanh"])
 def test_an_activation_other_than_silu_is_refused(act):
     """Our experts (and the GPU kernels) compute SiLU; transformers honours hidden_act, so a gelu model
