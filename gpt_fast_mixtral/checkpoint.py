@@ -226,10 +226,24 @@ def write_streaming(path: Path, layout: dict[str, tuple[torch.Size, torch.dtype]
         del target
         if written != layout.keys():
             raise CheckpointError(f"internal error: {len(layout) - len(written)} tensors were never written")
+        partial.replace(path)  # only a complete file ever carries the final name
     except BaseException:
         partial.unlink(missing_ok=True)  # a half-written file can be as large as the model: don't leave it
         raise
-    partial.replace(path)  # only a complete file ever carries the final name
+    return path
+
+
+def prepare_output(path: Path, default_name: str) -> Path:
+    """Check that `path` can name the output file and create its directory; CheckpointError says why not."""
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a directory: --output names the file to write, e.g. {path / default_name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot create {path.parent} for the output ({error.strerror or error}): choose another --output "
+            "in a writable directory") from error
     return path
 
 
@@ -259,8 +273,8 @@ def convert_checkpoint(checkpoint_dir: str | Path, output_path: str | Path | Non
                else _MistralMapping(keys))
     if dtype is None:
         dtype = _source_dtype(source, keys)
-    output_path = Path(output_path) if output_path else checkpoint_dir / OUR_CHECKPOINT
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    output_path = prepare_output(Path(output_path) if output_path else checkpoint_dir / OUR_CHECKPOINT,
+                                 OUR_CHECKPOINT)
     expected = {name: (shape, dtype) for name, (shape, _) in model_layout(meta_model(args)).items()}
 
     def get(key: str) -> Tensor:

@@ -19,6 +19,7 @@ from gpt_fast_mixtral.checkpoint import (
     is_int8_state_dict,
     meta_model,
     model_layout,
+    prepare_output,
     write_streaming,
 )
 from gpt_fast_mixtral.config import load_model_args
@@ -180,8 +181,9 @@ def quantize_checkpoint(checkpoint_path: str | Path, mode: str = "int8", output_
                 f"{checkpoint_path} does not match its config.json at {name}; convert the checkpoint again")
         if dtype != torch.int8:  # norms, embedding and router gate keep the source's precision
             layout[name] = (shape, source[name].dtype)
-    output_path = Path(output_path) if output_path else checkpoint_path.with_name(
-        checkpoint_path.stem + "_int8.pth")
+    default_name = checkpoint_path.stem + "_int8.pth"
+    output_path = prepare_output(Path(output_path) if output_path else checkpoint_path.with_name(default_name),
+                                 default_name)
 
     def produce() -> Iterator[tuple[str, Tensor]]:
         for name, (_, dtype) in layout.items():

@@ -170,6 +170,33 @@ def test_a_config_with_a_quantization_config_is_refused_before_any_weight_is_rea
     assert left_behind(directory) == set()
 
 
+def test_an_output_that_is_a_directory_is_refused_and_leaves_nothing(tiny_checkpoint_dir, tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    with pytest.raises(CheckpointError, match=rf"{target} is a directory.*{target / 'model.pth'}"):
+        convert_checkpoint(tiny_checkpoint_dir, target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"] and not any(target.iterdir())
+
+
+def test_an_output_below_a_file_is_refused_saying_to_choose_another(tiny_checkpoint_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match=r"cannot create .*file/sub.*choose another --output"):
+        convert_checkpoint(tiny_checkpoint_dir, tmp_path / "file" / "sub" / "model.pth")
+
+
+def test_write_streaming_leaves_no_partial_file_when_the_final_rename_fails(tmp_path):
+    """The rename onto the final name failed (here: a directory is in the way) after the whole model was
+    written: the .partial file, as large as the model, was left behind."""
+    from gpt_fast_mixtral.checkpoint import write_streaming
+
+    target = tmp_path / "model.pth"
+    (target / "inside").mkdir(parents=True)
+    tensor = torch.ones(4, 4)
+    with pytest.raises(OSError):
+        write_streaming(target, {"w": (tensor.shape, tensor.dtype)}, iter([("w", tensor)]))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pth"]
+
+
 def test_a_missing_directory_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="is not a directory"):
         convert_checkpoint(tmp_path / "absent")

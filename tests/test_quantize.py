@@ -156,6 +156,12 @@ def test_quantizing_an_int8_file_is_refused(int8_checkpoint, tmp_path):
     assert not (tmp_path / "twice.pth").exists()
 
 
+def test_an_output_that_is_a_directory_is_refused_and_leaves_nothing(float_checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path} is a directory.*model_int8.pth"):
+        quantize_checkpoint(float_checkpoint, output_path=tmp_path, device="cpu")
+    assert list(tmp_path.iterdir()) == [] and not tmp_path.with_name(tmp_path.name + ".partial").exists()
+
+
 def test_unknown_mode_and_missing_file_are_refused(float_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="unsupported quantization mode 'int4'"):
         quantize_checkpoint(float_checkpoint, "int4")
