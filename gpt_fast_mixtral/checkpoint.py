@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import mmap
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -322,13 +321,27 @@ def _source_dtype(source: _SafetensorsSource | _TorchSource, keys: set[str]) -> 
 
 
 def _copy_beside(checkpoint_dir: Path, out_dir: Path, args: ModelArgs) -> None:
+    """Put config.json, tokenizer.model and generation_config.json beside the output. Into another
+    directory they are always written: what a model converted there before left must not stay beside
+    this one."""
+    in_place = out_dir.resolve() == checkpoint_dir.resolve()
     config = out_dir / "config.json"
-    if not config.exists():
-        config.write_text(json.dumps(args.to_hf_config(), indent=2))
+    if not (in_place and config.exists()):
+        _replace_file(config, json.dumps(args.to_hf_config(), indent=2).encode())
+    if in_place:
+        return
     for name in ("tokenizer.model", "generation_config.json"):
-        source, target = checkpoint_dir / name, out_dir / name
-        if source.is_file() and not target.exists():
-            shutil.copyfile(source, target)
+        source = checkpoint_dir / name
+        if source.is_file():
+            _replace_file(out_dir / name, source.read_bytes())
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write `path` anew (a hard link to another file, as scripts/build_archive.py makes, is replaced,
+    not written through)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from reference import save_hf_mixtral
 from safetensors import safe_open
 
-from gpt_fast_mixtral.checkpoint import CheckpointError, convert_checkpoint
+from gpt_fast_mixtral.checkpoint import CheckpointError, convert_checkpoint, load_model
 from gpt_fast_mixtral.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -197,13 +197,37 @@ def test_write_streaming_leaves_no_partial_file_when_the_final_rename_fails(tmp_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.pth"]
 
 
+def test_converting_another_model_into_the_same_output_replaces_its_config_and_tokenizer(
+        tiny_checkpoint_dir, tiny_tokenizer_path, tmp_path):
+    """The config.json and tokenizer.model of the model converted there before were kept beside the new
+    model.pth, which then failed to load (size mismatch) or would have used the wrong tokenizer."""
+    other = tmp_path / "other"
+    save_hf_mixtral(other, tiny_tokenizer_path, seed=4, num_local_experts=3, num_experts_per_tok=1)
+    (other / "tokenizer.model").write_bytes(b"the other model's tokenizer")
+    output = tmp_path / "served" / "model.pth"
+    convert_checkpoint(tiny_checkpoint_dir, output)
+    assert load_model(output).args.num_experts == 8
+    convert_checkpoint(other, output)
+    assert load_model(output).args.num_experts == 3
+    assert (output.parent / "tokenizer.model").read_bytes() == b"the other model's tokenizer"
+
+
+def test_converting_in_place_twice_keeps_the_source_config(tiny_checkpoint_dir, tmp_path):
+    directory = copy_of(tiny_checkpoint_dir, tmp_path / "twice")
+    config = (directory / "config.json").read_bytes()
+    first = convert_checkpoint(directory).read_bytes()
+    assert convert_checkpoint(directory).read_bytes() == first
+    assert (directory / "config.json").read_bytes() == config
+
+
 def test_a_missing_directory_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="is not a directory"):
         convert_checkpoint(tmp_path / "absent")
 
 
-def run_convert_cli(directory: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "scripts/convert_hf_checkpoint.py", "--checkpoint-dir", str(directory)],
+def run_convert_cli(directory: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "scripts/convert_hf_checkpoint.py", "--checkpoint-dir", str(directory),
+                             *extra],
                             cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -221,6 +245,43 @@ def test_convert_cli_prints_one_line_errors_without_traceback(sharded_source, ti
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], stderr
     assert left_behind(incomplete) == left_behind(llama) == set()
+
+
+def test_convert_cli_reports_damaged_quantized_and_misdirected_inputs_in_one_line(tiny_checkpoint_dir, tmp_path):
+    truncated = copy_of(tiny_checkpoint_dir, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").unlink()
+    (truncated / "model.safetensors").write_bytes(data[:1000])
+    quantized = copy_of(tiny_checkpoint_dir, tmp_path / "quantized")
+    edit_config(quantized, quantization_config={"quant_method": "gptq"})
+    broken_config = copy_of(tiny_checkpoint_dir, tmp_path / "broken_config")
+    edit_config(broken_config, rms_norm_eps="small")
+    (tmp_path / "a_directory").mkdir()
+    processes = {
+        "cannot read": run_convert_cli(truncated),
+        "already quantized (gptq)": run_convert_cli(quantized),
+        "rms_norm_eps must be a number": run_convert_cli(broken_config),
+        "is a directory": run_convert_cli(tiny_checkpoint_dir, "--output", str(tmp_path / "a_directory")),
+    }
+    for expected, process in processes.items():
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 1, expected
+        assert "Traceback" not in stderr and stdout == ""
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], stderr
+
+
+def test_convert_cli_warns_when_there_is_no_tokenizer_to_serve_with(tiny_checkpoint_dir, tmp_path):
+    """The conversion itself needs no tokenizer, but serving does: say so now, not at the archive step."""
+    directory = copy_of(tiny_checkpoint_dir, tmp_path / "no_tokenizer")
+    (directory / "tokenizer.model").unlink()
+    process = run_convert_cli(directory)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert (directory / "model.pth").is_file() and "wrote" in stdout
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning:") and "tokenizer.model" in lines[0], stderr
+    assert "download.py" in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------
