@@ -348,6 +348,26 @@ def _replace_file(path: Path, data: bytes) -> None:
 # Loading.
 
 
+def read_state_dict(checkpoint_path: Path) -> dict[str, Tensor]:
+    """Our checkpoint's state dict, memory-mapped; CheckpointError when it is missing, damaged or foreign."""
+    if checkpoint_path.is_dir():
+        raise CheckpointError(
+            f"{checkpoint_path} is a directory: pass the checkpoint file in it, e.g. "
+            f"{checkpoint_path / OUR_CHECKPOINT}")
+    if not checkpoint_path.is_file():
+        raise CheckpointError(
+            f"{checkpoint_path} does not exist: convert a checkpoint with scripts/convert_hf_checkpoint.py")
+    try:
+        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
+        if not isinstance(state_dict, dict) or not all(isinstance(t, Tensor) for t in state_dict.values()):
+            raise CheckpointError(f"it holds a {type(state_dict).__name__}, not a state dict")
+    except Exception as error:  # a truncated file surfaces as a zip, pickle or OS error
+        raise CheckpointError(
+            f"cannot read {checkpoint_path} ({error}): it is damaged or not a checkpoint of this engine; convert "
+            "again with scripts/convert_hf_checkpoint.py (and scripts/quantize.py for int8)") from error
+    return state_dict
+
+
 def is_int8_state_dict(state_dict: dict[str, Tensor]) -> bool:
     return any(tensor.dtype == torch.int8 for tensor in state_dict.values())
 
@@ -364,13 +384,9 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu",
 
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
-        raise CheckpointError(
-            f"{checkpoint_path} does not exist: convert a checkpoint with scripts/convert_hf_checkpoint.py")
+        read_state_dict(checkpoint_path)  # says what is there instead, before the config is looked for
     args = load_model_args(checkpoint_path.parent)
-    try:
-        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as error:
-        raise CheckpointError(f"cannot read {checkpoint_path}: {error}") from error
+    state_dict = read_state_dict(checkpoint_path)
     model = meta_model(args)
     if is_int8_state_dict(state_dict):
         model = quantize_int8(model)
