@@ -61,24 +61,7 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelArgs:
         """Build from a Hugging Face `MixtralConfig` dictionary (any transformers version)."""
-        config = _json_object(config, "config.json")
-        model_type = config.get("model_type")
-        if model_type not in (None, "mixtral"):
-            raise ConfigError(
-                f"config.json has model_type={model_type!r}; only Mixtral-shaped MoE models "
-                "(model_type 'mixtral') are supported")
-        quantization = config.get("quantization_config")
-        if quantization:
-            method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
-            raise ConfigError(
-                f"config.json describes a checkpoint already quantized ({method}): the converter reads "
-                "unquantized weights (bfloat16, float16 or float32) only; download the unquantized release "
-                "(e.g. mistralai/Mixtral-8x7B-v0.1) and make int8 weights with scripts/quantize.py")
-        act = config.get("hidden_act") or "silu"
-        if act not in ("silu", "swish"):  # transformers' names for the same function
-            raise ConfigError(
-                f"config.json: hidden_act {act!r} is not supported: the experts of this engine compute "
-                "SiLU (hidden_act 'silu', as every Mixtral does)")
+        config = check_hf_model_kind(config)
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size", "num_local_experts", "num_experts_per_tok")
         missing = [key for key in required if key not in config]
@@ -111,10 +94,8 @@ class ModelArgs:
     @classmethod
     def from_mistral_params(cls, params: dict[str, Any]) -> ModelArgs:
         """Build from the `params.json` that ships with Mistral's original `consolidated.*.pt` files."""
-        params = _json_object(params, "params.json")
-        moe = params.get("moe")
-        if not moe:
-            raise ConfigError("params.json has no 'moe' section: it describes a dense model, not a MoE")
+        params = check_mistral_model_kind(params)
+        moe = params["moe"]
         if not isinstance(moe, dict):
             raise ConfigError(f"params.json's moe must be an object with num_experts and num_experts_per_tok, "
                               f"got {moe!r}")
@@ -168,6 +149,38 @@ class ModelArgs:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_hf_model_kind(config: Any) -> dict[str, Any]:
+    """Refuse a Hugging Face config.json of a model this engine cannot run whatever its sizes (another
+    architecture, weights already quantized, another activation); return it as a dictionary."""
+    config = _json_object(config, "config.json")
+    model_type = config.get("model_type")
+    if model_type not in (None, "mixtral"):
+        raise ConfigError(
+            f"config.json has model_type={model_type!r}; only Mixtral-shaped MoE models "
+            "(model_type 'mixtral') are supported")
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        raise ConfigError(
+            f"config.json describes a checkpoint already quantized ({method}): the converter reads "
+            "unquantized weights (bfloat16, float16 or float32) only; download the unquantized release "
+            "(e.g. mistralai/Mixtral-8x7B-v0.1) and make int8 weights with scripts/quantize.py")
+    act = config.get("hidden_act") or "silu"
+    if act not in ("silu", "swish"):  # transformers' names for the same function
+        raise ConfigError(
+            f"config.json: hidden_act {act!r} is not supported: the experts of this engine compute "
+            "SiLU (hidden_act 'silu', as every Mixtral does)")
+    return config
+
+
+def check_mistral_model_kind(params: Any) -> dict[str, Any]:
+    """Refuse a Mistral params.json of a dense model; return it as a dictionary."""
+    params = _json_object(params, "params.json")
+    if not params.get("moe"):
+        raise ConfigError("params.json has no 'moe' section: it describes a dense model, not a MoE")
+    return params
 
 
 def _rope_theta(config: dict[str, Any]) -> float:
