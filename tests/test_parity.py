@@ -22,6 +22,16 @@ CONFIGS = {
     # A config.json written before transformers 5 (top-level rope_theta), and tied embeddings.
     "old_rope_form": dict(rope_theta=10_000.0, old_rope_form=True, num_key_value_heads=1),
     "tied_embeddings_sharded": dict(tie_word_embeddings=True, max_shard_size="100KB"),
+    # One expert (top-1 of 1) and as many kv heads as query heads (MHA).
+    "one_expert_mha": dict(num_local_experts=1, num_experts_per_tok=1, num_key_value_heads=4),
+    # Every expert runs (top-3 of 3); sizes no power of two divides (hidden 72, intermediate 77, vocab 1031
+    # against the tokenizer's 1024), head_dim 20 above hidden / heads = 12; other eps and rope theta.
+    "all_experts_odd_sizes": dict(hidden_size=72, intermediate_size=77, num_attention_heads=6, num_key_value_heads=3,
+                                  head_dim=20, num_local_experts=3, num_experts_per_tok=3, vocab_size=1031,
+                                  rms_norm_eps=1e-3, rope_theta=500.0),
+    # Sixteen experts, top-1, a window shorter than the prompts, a short context.
+    "experts16_top1_window": dict(num_local_experts=16, num_experts_per_tok=1, sliding_window=7,
+                                  max_position_embeddings=200),
 }
 
 SEQ_LEN = 40
