@@ -270,6 +270,7 @@ def convert_checkpoint(checkpoint_dir: str | Path, output_path: str | Path | Non
     keys = source.keys()
     mapping = (_HfMapping(keys) if any(key.startswith("model.") for key in keys)
                else _MistralMapping(keys))
+    _check_layer_count(checkpoint_dir, keys, args)
     if dtype is None:
         dtype = _source_dtype(source, keys)
     output_path = prepare_output(Path(output_path) if output_path else checkpoint_dir / OUR_CHECKPOINT,
@@ -296,6 +297,19 @@ def convert_checkpoint(checkpoint_dir: str | Path, output_path: str | Path | Non
     write_streaming(output_path, expected, produce())
     _copy_beside(checkpoint_dir, output_path.parent, args)
     return output_path
+
+
+def _check_layer_count(checkpoint_dir: Path, keys: set[str], args: ModelArgs) -> None:
+    """Refuse weights with more layers than the config: the extra layers would be dropped without a word
+    (fewer layers surface as a missing tensor)."""
+    layers = {int(match[1]) for key in keys if (match := re.match(r"(?:model\.)?layers\.(\d+)\.", key))}
+    found = max(layers) + 1 if layers else 0
+    if found > args.n_layers:
+        config = ("config.json has num_hidden_layers" if (checkpoint_dir / "config.json").is_file()
+                  else "params.json has n_layers")
+        raise CheckpointError(
+            f"{checkpoint_dir} holds {found} layers but {config} {args.n_layers}: the config does not belong "
+            "to these weights; put the checkpoint's own config beside them")
 
 
 UNQUANTIZED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import save_hf_mixtral
+from reference import save_as_consolidated, save_hf_mixtral
 from safetensors import safe_open
 
 from gpt_fast_mixtral.checkpoint import CheckpointError, convert_checkpoint, load_model
@@ -78,6 +78,24 @@ def test_weights_whose_shapes_disagree_with_config_are_refused(tiny_checkpoint_d
     with pytest.raises(CheckpointError, match=r"cond_ffn.w1: the checkpoint has shape \(8, 128, 64\) but config.json "
                                               r"implies \(8, 96, 64\)"):
         convert_checkpoint(wrong)
+
+
+def test_weights_with_more_layers_than_the_config_are_refused(tiny_checkpoint_dir, tmp_path):
+    """A config with fewer layers than the weights converted silently into a model missing its last layers."""
+    wrong = copy_of(tiny_checkpoint_dir, tmp_path / "wrong")
+    edit_config(wrong, num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match=r"holds 2 layers but config.json has num_hidden_layers 1"):
+        convert_checkpoint(wrong)
+    assert left_behind(wrong) == set()
+
+
+def test_consolidated_weights_with_more_layers_than_params_are_refused(tiny_tokenizer_path, tmp_path):
+    hf_model = save_hf_mixtral(tmp_path / "hf", tiny_tokenizer_path, num_hidden_layers=3)
+    save_as_consolidated(hf_model, tmp_path / "mistral", tiny_tokenizer_path)
+    params = json.loads((tmp_path / "mistral" / "params.json").read_text())
+    (tmp_path / "mistral" / "params.json").write_text(json.dumps({**params, "n_layers": 2}))
+    with pytest.raises(CheckpointError, match=r"holds 3 layers but params.json has n_layers 2"):
+        convert_checkpoint(tmp_path / "mistral")
 
 
 def test_a_failed_conversion_leaves_no_model_file_and_no_partial_file(tiny_checkpoint_dir, tmp_path):
