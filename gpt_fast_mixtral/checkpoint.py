@@ -141,8 +141,10 @@ class _HfMapping:
     def build(self, name: str, args: ModelArgs, get: Callable[[str], Tensor]) -> Tensor:
         match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
         if match is None:
-            if name == "output.weight" and "lm_head.weight" not in self.keys:
-                return get("model.embed_tokens.weight")  # tied embeddings
+            if name == "output.weight" and args.tie_word_embeddings and "lm_head.weight" not in self.keys:
+                # Tied embeddings. (A tied config whose checkpoint holds an lm_head of its own: transformers
+                # 5 keeps that lm_head, and so do we. Untied, a missing lm_head is an incomplete checkpoint.)
+                return get("model.embed_tokens.weight")
             return get({"tok_embeddings.weight": "model.embed_tokens.weight",
                         "norm.weight": "model.norm.weight",
                         "output.weight": "lm_head.weight"}[name])

@@ -89,6 +89,22 @@ def test_weights_with_more_layers_than_the_config_are_refused(tiny_checkpoint_di
     assert left_behind(wrong) == set()
 
 
+def test_untied_weights_without_lm_head_are_refused_as_incomplete(tiny_checkpoint_dir, tmp_path):
+    """With tie_word_embeddings false a missing lm_head.weight was replaced by the embedding without a word."""
+    from safetensors.torch import load_file, save_file
+
+    directory = copy_of(tiny_checkpoint_dir, tmp_path / "no_lm_head")
+    weights = load_file(directory / "model.safetensors")
+    del weights["lm_head.weight"]
+    (directory / "model.safetensors").unlink()  # a link to the shared fixture's file, perhaps
+    save_file(weights, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"has no tensor lm_head.weight.*incomplete"):
+        convert_checkpoint(directory)
+    edit_config(directory, tie_word_embeddings=True)  # the same weights are complete for a tied model
+    converted = torch.load(convert_checkpoint(directory), mmap=True, weights_only=True)
+    assert torch.equal(converted["output.weight"], weights["model.embed_tokens.weight"])
+
+
 def test_consolidated_weights_with_more_layers_than_params_are_refused(tiny_tokenizer_path, tmp_path):
     hf_model = save_hf_mixtral(tmp_path / "hf", tiny_tokenizer_path, num_hidden_layers=3)
     save_as_consolidated(hf_model, tmp_path / "mistral", tiny_tokenizer_path)
