@@ -95,6 +95,10 @@ class _TorchSource:
                 part = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
             except Exception as error:  # a truncated download surfaces here as a zip/pickle error
                 raise CheckpointError(f"cannot read {path}: {error}; re-download it") from error
+            if not isinstance(part, dict) or not all(isinstance(t, Tensor) for t in part.values()):
+                raise CheckpointError(
+                    f"cannot read {path}: it holds a {type(part).__name__}, not the named tensors of a Mistral "
+                    "checkpoint; re-download it with scripts/download.py")
             duplicated = self._tensors.keys() & part.keys()
             if duplicated:
                 raise CheckpointError(

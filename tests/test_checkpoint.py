@@ -170,6 +170,21 @@ def test_a_truncated_shard_of_a_sharded_checkpoint_is_refused_naming_it(sharded_
     assert left_behind(broken) == set()
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not_a_state_dict"])
+def test_a_damaged_consolidated_part_is_refused_naming_it(tiny_tokenizer_path, tmp_path, damage):
+    hf_model = save_hf_mixtral(tmp_path / "hf", tiny_tokenizer_path)
+    directory = tmp_path / "mistral"
+    save_as_consolidated(hf_model, directory, tiny_tokenizer_path)
+    part = directory / "consolidated.01.pt"
+    if damage == "truncated":
+        part.write_bytes(part.read_bytes()[:3000])
+    else:
+        torch.save([torch.ones(3)], part)
+    with pytest.raises(CheckpointError, match=r"cannot read .*consolidated\.01\.pt.*download"):
+        convert_checkpoint(directory)
+    assert left_behind(directory) == set()
+
+
 @pytest.mark.parametrize("index", ['{"metadata": ', '{"metadata": {}}', '[]', '{"weight_map": ["a"]}'])
 def test_an_unreadable_safetensors_index_is_refused_naming_it(tiny_checkpoint_dir, tmp_path, index):
     directory = copy_of(tiny_checkpoint_dir, tmp_path / "index")
