@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import mmap
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,18 +32,16 @@ class CheckpointError(ValueError):
 
 class _SafetensorsSource:
     def __init__(self, checkpoint_dir: Path) -> None:
-        from safetensors import safe_open
-
         index_path = checkpoint_dir / "model.safetensors.index.json"
         if index_path.is_file():
-            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+            weight_map = _read_weight_map(index_path)
         else:
             files = sorted(checkpoint_dir.glob("*.safetensors"))
             if len(files) != 1:
                 raise CheckpointError(
                     f"{checkpoint_dir} has {len(files)} .safetensors files and no "
                     "model.safetensors.index.json: re-download the checkpoint with scripts/download.py")
-            with safe_open(files[0], framework="pt") as handle:
+            with _open_safetensors(files[0]) as handle:
                 weight_map = dict.fromkeys(handle.keys(), files[0].name)
         missing = sorted({name for name in weight_map.values() if not (checkpoint_dir / name).is_file()})
         if missing:
@@ -52,7 +49,7 @@ class _SafetensorsSource:
                 f"{checkpoint_dir} lacks {len(missing)} shard(s) named in its index, e.g. {missing[0]}: "
                 "the download is incomplete; run scripts/download.py again to finish it")
         self._weight_map = weight_map
-        self._handles = {name: safe_open(checkpoint_dir / name, framework="pt")
+        self._handles = {name: _open_safetensors(checkpoint_dir / name)
                          for name in sorted(set(weight_map.values()))}
 
     def keys(self) -> set[str]:
@@ -60,6 +57,32 @@ class _SafetensorsSource:
 
     def get(self, key: str) -> Tensor:
         return self._handles[self._weight_map[key]].get_tensor(key)
+
+
+def _open_safetensors(path: Path):  # noqa: ANN202 (safetensors' handle type is private)
+    """safe_open, with a damaged file (truncated or cut short by a failed download) as a CheckpointError."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as error:  # SafetensorError: header too small or too large, file not fully covered
+        raise CheckpointError(
+            f"cannot read {path} ({error}): the file is damaged or incomplete; delete it and run "
+            "scripts/download.py again to fetch it") from error
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        weight_map = error
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(key, str) and isinstance(name, str) for key, name in weight_map.items()):
+        reason = f" ({weight_map})" if isinstance(weight_map, Exception) else ""
+        raise CheckpointError(
+            f"{index_path} is not a valid safetensors index (a JSON object whose 'weight_map' maps tensor names "
+            f"to shard files){reason}: delete it and run scripts/download.py again to fetch it")
+    return weight_map
 
 
 class _TorchSource:
@@ -72,6 +95,10 @@ class _TorchSource:
                 part = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
             except Exception as error:  # a truncated download surfaces here as a zip/pickle error
                 raise CheckpointError(f"cannot read {path}: {error}; re-download it") from error
+            if not isinstance(part, dict) or not all(isinstance(t, Tensor) for t in part.values()):
+                raise CheckpointError(
+                    f"cannot read {path}: it holds a {type(part).__name__}, not the named tensors of a Mistral "
+                    "checkpoint; re-download it with scripts/download.py")
             duplicated = self._tensors.keys() & part.keys()
             if duplicated:
                 raise CheckpointError(
@@ -118,8 +145,10 @@ class _HfMapping:
     def build(self, name: str, args: ModelArgs, get: Callable[[str], Tensor]) -> Tensor:
         match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
         if match is None:
-            if name == "output.weight" and "lm_head.weight" not in self.keys:
-                return get("model.embed_tokens.weight")  # tied embeddings
+            if name == "output.weight" and args.tie_word_embeddings and "lm_head.weight" not in self.keys:
+                # Tied embeddings. (A tied config whose checkpoint holds an lm_head of its own: transformers
+                # 5 keeps that lm_head, and so do we. Untied, a missing lm_head is an incomplete checkpoint.)
+                return get("model.embed_tokens.weight")
             return get({"tok_embeddings.weight": "model.embed_tokens.weight",
                         "norm.weight": "model.norm.weight",
                         "output.weight": "lm_head.weight"}[name])
@@ -202,10 +231,24 @@ def write_streaming(path: Path, layout: dict[str, tuple[torch.Size, torch.dtype]
         del target
         if written != layout.keys():
             raise CheckpointError(f"internal error: {len(layout) - len(written)} tensors were never written")
+        partial.replace(path)  # only a complete file ever carries the final name
     except BaseException:
         partial.unlink(missing_ok=True)  # a half-written file can be as large as the model: don't leave it
         raise
-    partial.replace(path)  # only a complete file ever carries the final name
+    return path
+
+
+def prepare_output(path: Path, default_name: str) -> Path:
+    """Check that `path` can name the output file and create its directory; CheckpointError says why not."""
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a directory: --output names the file to write, e.g. {path / default_name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot create {path.parent} for the output ({error.strerror or error}): choose another --output "
+            "in a writable directory") from error
     return path
 
 
@@ -233,17 +276,20 @@ def convert_checkpoint(checkpoint_dir: str | Path, output_path: str | Path | Non
     keys = source.keys()
     mapping = (_HfMapping(keys) if any(key.startswith("model.") for key in keys)
                else _MistralMapping(keys))
+    _check_layer_count(checkpoint_dir, keys, args)
     if dtype is None:
         dtype = _source_dtype(source, keys)
-    output_path = Path(output_path) if output_path else checkpoint_dir / OUR_CHECKPOINT
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    output_path = prepare_output(Path(output_path) if output_path else checkpoint_dir / OUR_CHECKPOINT,
+                                 OUR_CHECKPOINT)
     expected = {name: (shape, dtype) for name, (shape, _) in model_layout(meta_model(args)).items()}
 
     def get(key: str) -> Tensor:
         if key not in keys:
             raise CheckpointError(
                 f"{checkpoint_dir} has no tensor {key}: the checkpoint is incomplete or not a Mixtral model")
-        return source.get(key)
+        tensor = source.get(key)
+        _check_unquantized(key, tensor)
+        return tensor
 
     def produce() -> Iterator[tuple[str, Tensor]]:
         for name, (shape, _) in expected.items():
@@ -259,25 +305,87 @@ def convert_checkpoint(checkpoint_dir: str | Path, output_path: str | Path | Non
     return output_path
 
 
+def _check_layer_count(checkpoint_dir: Path, keys: set[str], args: ModelArgs) -> None:
+    """Refuse weights with more layers than the config: the extra layers would be dropped without a word
+    (fewer layers surface as a missing tensor)."""
+    layers = {int(match[1]) for key in keys if (match := re.match(r"(?:model\.)?layers\.(\d+)\.", key))}
+    found = max(layers) + 1 if layers else 0
+    if found > args.n_layers:
+        config = ("config.json has num_hidden_layers" if (checkpoint_dir / "config.json").is_file()
+                  else "params.json has n_layers")
+        raise CheckpointError(
+            f"{checkpoint_dir} holds {found} layers but {config} {args.n_layers}: the config does not belong "
+            "to these weights; put the checkpoint's own config beside them")
+
+
+UNQUANTIZED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _check_unquantized(key: str, tensor: Tensor) -> None:
+    """Refuse weights stored quantized (float8, int8, packed ints): cast to float without their scales,
+    they would make a model of garbage."""
+    if tensor.dtype not in UNQUANTIZED_DTYPES:
+        raise CheckpointError(
+            f"{key} is stored as {str(tensor.dtype).removeprefix('torch.')}: this checkpoint is quantized, and "
+            "the converter reads unquantized weights (bfloat16, float16 or float32) only; download the "
+            "unquantized release and make int8 weights with scripts/quantize.py")
+
+
 def _source_dtype(source: _SafetensorsSource | _TorchSource, keys: set[str]) -> torch.dtype:
     for key in ("model.embed_tokens.weight", "tok_embeddings.weight"):
         if key in keys:
-            return source.get(key).dtype
+            tensor = source.get(key)
+            _check_unquantized(key, tensor)
+            return tensor.dtype
     return torch.bfloat16
 
 
 def _copy_beside(checkpoint_dir: Path, out_dir: Path, args: ModelArgs) -> None:
+    """Put config.json, tokenizer.model and generation_config.json beside the output. Into another
+    directory they are always written: what a model converted there before left must not stay beside
+    this one."""
+    in_place = out_dir.resolve() == checkpoint_dir.resolve()
     config = out_dir / "config.json"
-    if not config.exists():
-        config.write_text(json.dumps(args.to_hf_config(), indent=2))
+    if not (in_place and config.exists()):
+        _replace_file(config, json.dumps(args.to_hf_config(), indent=2).encode())
+    if in_place:
+        return
     for name in ("tokenizer.model", "generation_config.json"):
-        source, target = checkpoint_dir / name, out_dir / name
-        if source.is_file() and not target.exists():
-            shutil.copyfile(source, target)
+        source = checkpoint_dir / name
+        if source.is_file():
+            _replace_file(out_dir / name, source.read_bytes())
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write `path` anew (a hard link to another file, as scripts/build_archive.py makes, is replaced,
+    not written through)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Loading.
+
+
+def read_state_dict(checkpoint_path: Path) -> dict[str, Tensor]:
+    """Our checkpoint's state dict, memory-mapped; CheckpointError when it is missing, damaged or foreign."""
+    if checkpoint_path.is_dir():
+        raise CheckpointError(
+            f"{checkpoint_path} is a directory: pass the checkpoint file in it, e.g. "
+            f"{checkpoint_path / OUR_CHECKPOINT}")
+    if not checkpoint_path.is_file():
+        raise CheckpointError(
+            f"{checkpoint_path} does not exist: convert a checkpoint with scripts/convert_hf_checkpoint.py")
+    try:
+        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
+        if not isinstance(state_dict, dict) or not all(isinstance(t, Tensor) for t in state_dict.values()):
+            raise CheckpointError(f"it holds a {type(state_dict).__name__}, not a state dict")
+    except Exception as error:  # a truncated file surfaces as a zip, pickle or OS error
+        raise CheckpointError(
+            f"cannot read {checkpoint_path} ({error}): it is damaged or not a checkpoint of this engine; convert "
+            "again with scripts/convert_hf_checkpoint.py (and scripts/quantize.py for int8)") from error
+    return state_dict
 
 
 def is_int8_state_dict(state_dict: dict[str, Tensor]) -> bool:
@@ -296,13 +404,9 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu",
 
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
-        raise CheckpointError(
-            f"{checkpoint_path} does not exist: convert a checkpoint with scripts/convert_hf_checkpoint.py")
+        read_state_dict(checkpoint_path)  # says what is there instead, before the config is looked for
     args = load_model_args(checkpoint_path.parent)
-    try:
-        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as error:
-        raise CheckpointError(f"cannot read {checkpoint_path}: {error}") from error
+    state_dict = read_state_dict(checkpoint_path)
     model = meta_model(args)
     if is_int8_state_dict(state_dict):
         model = quantize_int8(model)

@@ -18,7 +18,14 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi, constants, get_token, snapshot_download, try_to_load_from_cache
+from huggingface_hub import (
+    HfApi,
+    constants,
+    get_token,
+    hf_hub_download,
+    snapshot_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -30,6 +37,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
     RevisionResolutionError,
 )
+
+from gpt_fast_mixtral.config import check_hf_model_kind, check_mistral_model_kind
 
 __all__ = ["DownloadError", "default_checkpoint_dir", "download", "missing_files", "select_files"]
 
@@ -160,6 +169,10 @@ def download(
     try:
         if offline:
             snapshot, files = _locate_in_cache(repo_id, revision, cache_dir)
+            for description in (CONFIG, MISTRAL_PARAMS):
+                if description in files:
+                    _check_model_kind(repo_id, snapshot / description)
+                    break
             _ensure_disk_space(repo_id, _local_sizes(snapshot, files), set(files), cache_dir, checkpoint_dir)
         else:
             snapshot, files = _fetch(
@@ -237,6 +250,15 @@ def _fetch(
         if isinstance(try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=commit), str)
     }
     _ensure_disk_space(repo_id, {name: sizes[name] for name in files}, cached, cache_dir, checkpoint_dir)
+    # The config first (a few kB, kept in the cache for the snapshot below): a repo of another model is
+    # refused before its weights, often tens of GB, are fetched.
+    description = CONFIG if CONFIG in files else MISTRAL_PARAMS
+    config_path = try_to_load_from_cache(repo_id, description, cache_dir=cache_dir, revision=commit)
+    if not isinstance(config_path, str):
+        config_path = hf_hub_download(
+            repo_id, description, revision=commit, cache_dir=cache_dir, endpoint=endpoint, token=hf_token
+        )
+    _check_model_kind(repo_id, Path(config_path))
     logger.info(
         "Fetching %d files of %s@%s (%.2f GB, %.2f GB already cached) into %s",
         len(files), repo_id, commit[:10], sum(sizes[n] for n in files) / _GB,
@@ -253,6 +275,21 @@ def _fetch(
         max_workers=max_workers,
     )
     return Path(snapshot), files
+
+
+def _check_model_kind(repo_id: str, description: Path) -> None:
+    """Refuse a repo whose config.json (or Mistral's params.json) describes a model the pipeline cannot serve."""
+    try:
+        content = json.loads(description.read_text())
+        if description.name == CONFIG:
+            check_hf_model_kind(content)
+        else:
+            check_mistral_model_kind(content)
+    except (ValueError, OSError) as error:  # ConfigError is a ValueError, as are JSON errors
+        raise DownloadError(
+            f"{repo_id} cannot be used: {_first_line(error)}; check the repo id (this pipeline serves Mixtral-shaped "
+            "MoE models in their unquantized release, e.g. mistralai/Mixtral-8x7B-v0.1)"
+        ) from error
 
 
 def _locate_in_cache(repo_id: str, revision: str, cache_dir: Path) -> tuple[Path, list[str]]:

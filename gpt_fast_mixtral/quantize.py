@@ -19,6 +19,8 @@ from gpt_fast_mixtral.checkpoint import (
     is_int8_state_dict,
     meta_model,
     model_layout,
+    prepare_output,
+    read_state_dict,
     write_streaming,
 )
 from gpt_fast_mixtral.config import load_model_args
@@ -156,19 +158,32 @@ def _int8_experts(experts: ConditionalFeedForward) -> ConditionalFeedForwardInt8
     return quantized
 
 
+def _quantize_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {device!r} is not a device torch knows ({error}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but there is no CUDA GPU here (or torch was built without "
+                         "CUDA): pass --device cpu, or leave --device out to use a GPU when there is one")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {str(device)!r} is not supported; use cpu or cuda")
+    return device
+
+
 def quantize_checkpoint(checkpoint_path: str | Path, mode: str = "int8", output_path: str | Path | None = None,
                         device: str | torch.device | None = None) -> Path:
     """Quantize our `model.pth` to `model_int8.pth`, one tensor at a time (on the GPU when there is one)."""
     if mode != "int8":
         raise ValueError(f"unsupported quantization mode {mode!r}; supported: int8")
     checkpoint_path = Path(checkpoint_path)
+    device = _quantize_device(device)
     if not checkpoint_path.is_file():
-        raise CheckpointError(
-            f"{checkpoint_path} does not exist: run scripts/convert_hf_checkpoint.py first")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        read_state_dict(checkpoint_path)  # says what is there instead, before the config is looked for
     args = load_model_args(checkpoint_path.parent)
-    source = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
+    source = read_state_dict(checkpoint_path)
     if is_int8_state_dict(source):
         raise CheckpointError(f"{checkpoint_path} is already int8; quantize the bf16 model.pth instead")
     layout = model_layout(quantize_int8(meta_model(args)))
@@ -180,8 +195,9 @@ def quantize_checkpoint(checkpoint_path: str | Path, mode: str = "int8", output_
                 f"{checkpoint_path} does not match its config.json at {name}; convert the checkpoint again")
         if dtype != torch.int8:  # norms, embedding and router gate keep the source's precision
             layout[name] = (shape, source[name].dtype)
-    output_path = Path(output_path) if output_path else checkpoint_path.with_name(
-        checkpoint_path.stem + "_int8.pth")
+    default_name = checkpoint_path.stem + "_int8.pth"
+    output_path = prepare_output(Path(output_path) if output_path else checkpoint_path.with_name(default_name),
+                                 default_name)
 
     def produce() -> Iterator[tuple[str, Tensor]]:
         for name, (_, dtype) in layout.items():

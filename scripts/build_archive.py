@@ -83,7 +83,8 @@ def checkpoint_files(checkpoint_dir: Path, checkpoint_name: str) -> list[Path]:
         if path.is_file():
             files.append(path)
         elif name != "generation_config.json":
-            raise ArchiveError(f"{path} is missing: the engine reads it from beside the checkpoint")
+            raise ArchiveError(f"{path} is missing: the engine reads it from beside the checkpoint; copy the model's "
+                               f"{name} there (scripts/convert_hf_checkpoint.py does, from the downloaded checkpoint)")
     return files
 
 

@@ -30,6 +30,10 @@ def main() -> int:
         return 1
     size_gb = path.stat().st_size / 1e9
     print(f"wrote {path} ({size_gb:.2f} GB) in {time.perf_counter() - start:.1f} s")
+    if not (path.parent / "tokenizer.model").is_file():
+        print(f"warning: no tokenizer.model in {args.checkpoint_dir}, so none beside {path}: serving needs it; "
+              f"copy the model's tokenizer.model into {path.parent} (scripts/download.py --repo-id <repo> fetches "
+              "it with the weights)", file=sys.stderr)
     return 0
 
 

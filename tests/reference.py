@@ -24,6 +24,9 @@ def save_hf_mixtral(out_dir: Path, tokenizer_path: Path, *, seed: int = 0, old_r
     rope_theta = defaults.pop("rope_theta")
     hf_config = MixtralConfig(**defaults, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
     hf_config._attn_implementation = "eager"
+    # transformers' default (grouped_mm) needs expert weights whose rows are multiples of 16 bytes: the
+    # per-expert loop takes every size.
+    hf_config._experts_implementation = "eager"
     torch.manual_seed(seed)
     model = MixtralForCausalLM(hf_config).eval()
     with torch.no_grad():  # HF initialises norms to 1; random norms test that we load them too

@@ -469,6 +469,53 @@ def test_a_repo_that_is_not_a_usable_checkpoint_is_refused_before_fetching(
     assert fake_hub.resolves() == []
 
 
+def llama_repo_files() -> dict[str, bytes]:
+    """A usable-looking repo of a model the pipeline cannot serve: 14 GB of weights in the real one."""
+    files = mixtral_repo_files()
+    files["config.json"] = json.dumps({"model_type": "llama", "hidden_size": 8}).encode()
+    return files
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"model_type": "llama"}, "model_type='llama'"),
+    ({"model_type": "mistral"}, "model_type='mistral'"),
+    ({"model_type": "mixtral", "quantization_config": {"quant_method": "gptq"}}, r"already quantized \(gptq\)"),
+    ({"model_type": "mixtral", "hidden_act": "gelu"}, "hidden_act 'gelu'"),
+])
+def test_a_repo_of_a_model_the_pipeline_cannot_serve_is_refused_before_fetching_weights(
+    fake_hub: FakeHub, tmp_path: Path, config: dict, expected: str
+) -> None:
+    files = {**mixtral_repo_files(), "config.json": json.dumps(config).encode()}
+    fake_hub.repos["org/not-mixtral"] = FakeRepo(files)
+
+    with pytest.raises(DownloadError, match=rf"org/not-mixtral cannot be used: .*{expected}") as caught:
+        download("org/not-mixtral", tmp_path / "ckpt", endpoint=fake_hub.url)
+
+    assert "\n" not in str(caught.value) and "check the repo id" in str(caught.value)
+    assert set(fake_hub.resolves("GET")) <= {"config.json"}  # no weight, not even the tokenizer
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_dense_mistral_original_repo_is_refused_before_fetching_weights(fake_hub: FakeHub, tmp_path: Path) -> None:
+    files = {**consolidated_repo_files(), "params.json": b'{"dim": 8, "n_layers": 2}'}
+    fake_hub.repos["mistral/dense"] = FakeRepo(files)
+
+    with pytest.raises(DownloadError, match="mistral/dense cannot be used: .*no 'moe' section"):
+        download("mistral/dense", tmp_path / "ckpt", endpoint=fake_hub.url)
+    assert set(fake_hub.resolves("GET")) <= {"params.json"}
+
+
+def test_offline_a_cached_repo_of_another_model_is_refused_without_placing_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    write_hub_cache(Path(constants.HF_HUB_CACHE), "org/llama", llama_repo_files())
+    go_offline(monkeypatch)
+
+    with pytest.raises(DownloadError, match="org/llama cannot be used: .*model_type='llama'"):
+        download("org/llama", tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_a_gated_repo_without_access_says_to_accept_the_licence_and_pass_a_token(
     fake_hub: FakeHub, tmp_path: Path
 ) -> None:

@@ -389,6 +389,15 @@ def test_cli_missing_checkpoint_exits_with_a_one_line_error(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "nowhere" in lines[0]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_a_gpu_exits_with_a_one_line_error(checkpoint):
+    code, stdout, stderr = finish(start_cli("--checkpoint-path", str(checkpoint), "--prompt", "Hello",
+                                            "--device", "cuda"))
+    assert code == 2 and stdout == "" and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda") and "--device cpu" in lines[0]
+
+
 def test_greedy_and_sampled_batches_share_one_traced_decode_step(checkpoint: Path) -> None:
     # A server compiles its decode step at start (each compile of the real model takes over a minute):
     # greedy and sampled requests must not need separate graphs, and larger batch sizes share one.

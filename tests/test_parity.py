@@ -22,6 +22,16 @@ CONFIGS = {
     # A config.json written before transformers 5 (top-level rope_theta), and tied embeddings.
     "old_rope_form": dict(rope_theta=10_000.0, old_rope_form=True, num_key_value_heads=1),
     "tied_embeddings_sharded": dict(tie_word_embeddings=True, max_shard_size="100KB"),
+    # One expert (top-1 of 1) and as many kv heads as query heads (MHA).
+    "one_expert_mha": dict(num_local_experts=1, num_experts_per_tok=1, num_key_value_heads=4),
+    # Every expert runs (top-3 of 3); sizes no power of two divides (hidden 72, intermediate 77, vocab 1031
+    # against the tokenizer's 1024), head_dim 20 above hidden / heads = 12; other eps and rope theta.
+    "all_experts_odd_sizes": dict(hidden_size=72, intermediate_size=77, num_attention_heads=6, num_key_value_heads=3,
+                                  head_dim=20, num_local_experts=3, num_experts_per_tok=3, vocab_size=1031,
+                                  rms_norm_eps=1e-3, rope_theta=500.0),
+    # Sixteen experts, top-1, a window shorter than the prompts, a short context.
+    "experts16_top1_window": dict(num_local_experts=16, num_experts_per_tok=1, sliding_window=7,
+                                  max_position_embeddings=200),
 }
 
 SEQ_LEN = 40
@@ -118,3 +128,23 @@ def test_routing_top_k_equals_torch_topk(shape, k):
     values, indices = top_k(probs, k)
     expected_values, expected_indices = torch.topk(probs, k, dim=-1)
     assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
+
+
+def test_transformers5_fused_expert_names_on_disk_give_the_same_logits(tmp_path, tiny_tokenizer_path):
+    """A checkpoint saved under transformers 5's in-memory names (mlp.gate, mlp.experts.gate_up_proj
+    [E, 2I, D] and down_proj [E, D, I]) instead of the per-expert names save_pretrained writes."""
+    from safetensors.torch import save_file
+
+    hf_model = save_hf_mixtral(tmp_path, tiny_tokenizer_path, seed=6, num_local_experts=3, intermediate_size=40)
+    for path in tmp_path.glob("*.safetensors"):
+        path.unlink()
+    state = {name: tensor.contiguous() for name, tensor in hf_model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ours = load_model(convert_checkpoint(tmp_path), device="cpu", dtype=torch.float32)
+    tokens = torch.randint(3, ours.args.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(4))
+    ours.setup_caches(2, 64)
+    with torch.inference_mode():
+        reference = hf_model(tokens).logits
+        logits = ours(tokens, torch.arange(SEQ_LEN).expand(2, SEQ_LEN))
+    assert relative_error(logits, reference) < 1e-5

@@ -156,6 +156,42 @@ def test_quantizing_an_int8_file_is_refused(int8_checkpoint, tmp_path):
     assert not (tmp_path / "twice.pth").exists()
 
 
+def test_an_output_that_is_a_directory_is_refused_and_leaves_nothing(float_checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path} is a directory.*model_int8.pth"):
+        quantize_checkpoint(float_checkpoint, output_path=tmp_path, device="cpu")
+    assert list(tmp_path.iterdir()) == [] and not tmp_path.with_name(tmp_path.name + ".partial").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_quantizing_on_cuda_without_a_gpu_is_refused_saying_what_to_pass(float_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r"--device cuda.*no CUDA GPU.*--device cpu"):
+        quantize_checkpoint(float_checkpoint, output_path=tmp_path / "out.pth", device="cuda")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_device_is_refused_naming_it(float_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match=r"--device 'gpu0' is not a device.*cpu.*cuda"):
+        quantize_checkpoint(float_checkpoint, output_path=tmp_path / "out.pth", device="gpu0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_or_foreign_input_file_is_refused_saying_to_convert_again(float_checkpoint, tmp_path):
+    for name in ("config.json", "tokenizer.model"):
+        shutil.copyfile(float_checkpoint.parent / name, tmp_path / name)
+    truncated, foreign = tmp_path / "truncated.pth", tmp_path / "foreign.pth"
+    truncated.write_bytes(float_checkpoint.read_bytes()[:5000])
+    torch.save([torch.ones(2)], foreign)
+    for path in (truncated, foreign):
+        with pytest.raises(CheckpointError, match=rf"cannot read {path}.*convert_hf_checkpoint.py"):
+            quantize_checkpoint(path, device="cpu")
+    assert not list(tmp_path.glob("*_int8.pth*"))
+
+
+def test_a_directory_as_input_is_refused_naming_the_file_to_pass(float_checkpoint):
+    with pytest.raises(CheckpointError, match=rf"{float_checkpoint.parent} is a directory.*{float_checkpoint}"):
+        quantize_checkpoint(float_checkpoint.parent, device="cpu")
+
+
 def test_unknown_mode_and_missing_file_are_refused(float_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="unsupported quantization mode 'int4'"):
         quantize_checkpoint(float_checkpoint, "int4")
@@ -255,3 +291,14 @@ def test_blocked_gate_and_up_weights_give_the_same_logits(int8_checkpoint):
         positions = torch.arange(length).expand(2, length) + (0 if length == 100 else 100)
         with torch.inference_mode():
             assert torch.equal(blocked(tokens, positions), plain(tokens, positions))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_quantize_cli_on_cuda_without_a_gpu_fails_in_one_line(float_checkpoint, tmp_path):
+    process = run_script("--checkpoint-path", str(float_checkpoint), "--device", "cuda",
+                         "--output", str(tmp_path / "out.pth"))
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and stdout == "" and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda") and "--device cpu" in lines[0]
+    assert list(tmp_path.iterdir()) == []

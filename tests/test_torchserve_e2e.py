@@ -243,6 +243,18 @@ def test_build_archive_names_a_missing_checkpoint(tiny_converted_dir: Path, tmp_
     assert not (tmp_path / "store" / "tiny").exists()
 
 
+def test_build_archive_says_how_to_get_a_missing_tokenizer(tiny_converted_dir: Path, tmp_path: Path) -> None:
+    checkpoint_dir = tmp_path / "no_tokenizer"
+    checkpoint_dir.mkdir()
+    for name in ("model_int8.pth", "config.json"):
+        (checkpoint_dir / name).symlink_to(tiny_converted_dir / name)
+    result = build_archive(checkpoint_dir, write_cpu_config(tmp_path / "model_config.yaml"), tmp_path / "store")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tokenizer.model is missing" in lines[0] and "copy" in lines[0], result.stderr
+    assert not (tmp_path / "store" / "tiny").exists()
+
+
 def test_build_archive_lays_out_the_model_directory(tiny_converted_dir: Path, tmp_path: Path) -> None:
     config = write_cpu_config(tmp_path / "model_config.yaml")
     assert build_archive(tiny_converted_dir, config, tmp_path / "store").returncode == 0
