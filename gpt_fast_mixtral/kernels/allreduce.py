@@ -63,9 +63,9 @@ PHASES = 3
 # The push kernels launch with PDL where kernels.pdl is active; False: the plain way (comparisons:
 # scripts/benchmark.py --no-push-pdl). Int8 Mixtral-8x7B tp2 on two H200s, alternating in one call
 # (session 23, results/h200x2_s23d_*): 423.8 / 423.0 tok/s against 406.3 / 408.0 without. The next
-# kernel's programs come in while the exchange waits on the peer and load their first weight tiles then
-# (wqkv after the norm's push; the grouped experts' gate_up only waits). Session 16 measured no gain with
-# the one-tile linears of then; the two early tiles of session 21 are what it lets in.
+# kernel's programs come in while the exchange waits on the peer and load what they may before their own
+# wait (wqkv after the norm's push: two weight tiles; gate_up after the routing's push waits first).
+# Session 16 measured no gain with the one-tile linears of then (likely the difference; not isolated).
 PDL = True
 # Elements per program and chunk, and programs per launch (the grid never changes; see the counters above):
 # a batch-8 decode step's 32768 elements go out in one chunk per program.
