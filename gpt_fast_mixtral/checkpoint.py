@@ -403,10 +403,8 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu",
     from gpt_fast_mixtral.quantize import quantize_int8
 
     checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        read_state_dict(checkpoint_path)  # says what is there instead, before the config is looked for
+    state_dict = read_state_dict(checkpoint_path)  # memory-mapped; says what is wrong before the config is looked for
     args = load_model_args(checkpoint_path.parent)
-    state_dict = read_state_dict(checkpoint_path)
     model = meta_model(args)
     if is_int8_state_dict(state_dict):
         model = quantize_int8(model)

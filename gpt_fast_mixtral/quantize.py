@@ -180,10 +180,8 @@ def quantize_checkpoint(checkpoint_path: str | Path, mode: str = "int8", output_
         raise ValueError(f"unsupported quantization mode {mode!r}; supported: int8")
     checkpoint_path = Path(checkpoint_path)
     device = _quantize_device(device)
-    if not checkpoint_path.is_file():
-        read_state_dict(checkpoint_path)  # says what is there instead, before the config is looked for
+    source = read_state_dict(checkpoint_path)  # memory-mapped; says what is wrong before the config is looked for
     args = load_model_args(checkpoint_path.parent)
-    source = read_state_dict(checkpoint_path)
     if is_int8_state_dict(source):
         raise CheckpointError(f"{checkpoint_path} is already int8; quantize the bf16 model.pth instead")
     layout = model_layout(quantize_int8(meta_model(args)))
