@@ -190,23 +190,41 @@ class MixtralHandler(BaseHandler):
         def on_text(row: int, piece: str) -> None:
             index, request, _, _ = jobs[row]
             if request.stream:
-                # Only this request's id: its piece goes out as one HTTP chunk, the others get nothing.
-                send_intermediate_predict_response({index: piece}, {index: context.get_request_id(index)},
-                                                   "Intermediate Prediction success", 200, context)
+                # Counted on every rank (the ranks generate the same text), sent by the answering one. Only
+                # this request's id: its piece goes out as one HTTP chunk, the others get nothing.
+                if self.answers:
+                    send_intermediate_predict_response({index: piece}, {index: context.get_request_id(index)},
+                                                       "Intermediate Prediction success", 200, context)
                 streamed_chars[row] += len(piece)
 
         try:
             results = self.engine.generate([tokens for _, _, tokens, _ in jobs],
-                                           [params for *_, params in jobs], on_text=on_text if self.answers else None)
+                                           [params for *_, params in jobs], on_text=on_text)
         except Exception as error:  # the batch fails, the worker lives on
             # (Under tensor parallelism only if every rank fails alike; a rank failing alone leaves the others
             # waiting in a collective until TorchServe's responseTimeout restarts the worker.)
             logger.exception("generation failed for a batch of %d", len(jobs))
-            code, kind = ((507, "OutOfResources") if isinstance(error, torch.OutOfMemoryError)
-                          else (500, "InternalServerError"))
-            for index, *_ in jobs:
-                answers[index] = self._error(context, index, code, kind,
-                                             f"generation failed: {type(error).__name__}")
+            out_of_memory = isinstance(error, torch.OutOfMemoryError)
+            message = f"generation failed: {type(error).__name__}"
+        else:
+            out_of_memory, message = False, None
+        if message is not None:  # past the except block: the failed batch's tensors are released
+            failed = jobs
+            if out_of_memory and len(jobs) > 1:
+                # Together the batch did not fit (one long prompt or a large max_new_tokens is enough): each
+                # request that has sent nothing yet runs again alone, so only those that cannot fit fail. Every
+                # rank of a tensor-parallel worker sees the same batch and memory, so all of them retry alike.
+                failed = [job for row, job in enumerate(jobs) if streamed_chars[row]]
+                retry = [job for row, job in enumerate(jobs) if not streamed_chars[row]]
+                logger.warning("out of GPU memory for a batch of %d: running %d of its requests one at a time",
+                               len(jobs), len(retry))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                for job in retry:
+                    self._generate([job], answers, context)
+            code, kind = (507, "OutOfResources") if out_of_memory else (500, "InternalServerError")
+            for index, *_ in failed:
+                answers[index] = self._error(context, index, code, kind, message)
             return
         for row, ((index, request, _, _), result) in enumerate(zip(jobs, results, strict=True)):
             # A streamed answer has gone out already; its final message carries whatever is left.

@@ -306,6 +306,73 @@ def test_a_failed_generate_fails_its_batch_but_not_the_worker(worker: Worker, mo
     assert worker.answer(good) == alone
 
 
+def _generate_out_of_memory_with(worker: Worker, patch: pytest.MonkeyPatch, fits: Any) -> list[int]:
+    """Make the engine raise torch.OutOfMemoryError for every batch `fits(prompts)` refuses; returns the
+    sizes of the batches it was called with."""
+    assert worker.handler.engine is not None
+    generate, calls = worker.handler.engine.generate, []
+
+    def generate_or_run_out(prompts: list[list[int]], *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(prompts))
+        if not fits(prompts):
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return generate(prompts, *args, **kwargs)
+
+    patch.setattr(worker.handler.engine, "generate", generate_or_run_out)
+    return calls
+
+
+def test_a_batch_out_of_gpu_memory_runs_its_requests_one_at_a_time(worker: Worker, engine: Engine,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    first = {"prompt": "The capital of France", "max_new_tokens": 8}
+    second = {"prompt": "Once upon a time", "max_new_tokens": 6, "stream": True}
+    third = {"prompt": "Hello", "max_new_tokens": 5}
+    with monkeypatch.context() as patch:
+        calls = _generate_out_of_memory_with(worker, patch, lambda prompts: len(prompts) == 1)
+        responses, streamed = worker.predict(first, second, third)
+    assert calls == [3, 1, 1, 1]
+    assert [r.status for r in responses] == [200, 200, 200]
+    assert responses[0].text == expected(engine, first["prompt"], max_new_tokens=8)
+    assert "".join(m.text for [m] in streamed) + responses[1].text == expected(engine, second["prompt"],
+                                                                               max_new_tokens=6)
+    assert responses[2].text == expected(engine, third["prompt"], max_new_tokens=5)
+
+
+def test_only_the_request_that_cannot_fit_gets_507(worker: Worker, engine: Engine,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    assert worker.handler.engine is not None
+    huge = worker.handler.engine.encode("too long to fit")
+    good = {"prompt": "The capital of France", "max_new_tokens": 8}
+    with monkeypatch.context() as patch:
+        calls = _generate_out_of_memory_with(worker, patch, lambda prompts: huge not in prompts)
+        responses, _ = worker.predict(good, {"prompt": "too long to fit"}, good)
+    assert calls == [3, 1, 1, 1]
+    assert [r.status for r in responses] == [200, 507, 200]
+    assert json.loads(responses[1].text) == {"code": 507, "type": "OutOfResources",
+                                             "message": "generation failed: OutOfMemoryError"}
+    assert responses[0].text == responses[2].text == expected(engine, good["prompt"], max_new_tokens=8)
+    # A request alone that does not fit is not retried.
+    with monkeypatch.context() as patch:
+        calls = _generate_out_of_memory_with(worker, patch, lambda prompts: False)
+        [alone], _ = worker.predict(good)
+    assert calls == [1] and alone.status == 507
+
+
+def test_other_errors_are_not_retried(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert worker.handler.engine is not None
+    calls = []
+
+    def fail(prompts: list[list[int]], *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(prompts))
+        raise RuntimeError("not memory")
+
+    good = {"prompt": "The capital of France", "max_new_tokens": 8}
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.handler.engine, "generate", fail)
+        responses, _ = worker.predict(good, good)
+    assert calls == [2] and [r.status for r in responses] == [500, 500]
+
+
 def test_the_schema_accepts_whole_floats_and_nulls() -> None:
     request = parse_request({"prompt": "x", "max_new_tokens": 5.0, "top_k": None, "top_p": 1, "seed": None},
                             default_max_new_tokens=20, default_stream=False, max_seq_len=64)
