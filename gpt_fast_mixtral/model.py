@@ -270,6 +270,15 @@ class ConditionalFeedForward(nn.Module):
         return fused_moe_kernels.fused_moe(x, self.w1, self.w2, self.w3, expert_weights, expert_indices,
                                            self.fused_scales(), w13_block=self.w13_block, end=end)
 
+    def expert_partials(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor | None:
+        """self(x, ...) before its last sum, from the fused decode kernels: their float32 partials [split,
+        N * k, D] (kernels.moe.fused_moe_partials), for a consumer that sums them in kernels.moe.block_end's
+        order (tp's push all-reduce); None where those kernels do not run with PDL."""
+        if not (fused_moe_kernels.available(x) and fused_moe_kernels.ends_block(x, expert_indices.numel())):
+            return None
+        return fused_moe_kernels.fused_moe_partials(x, self.w1, self.w2, self.w3, expert_weights, expert_indices,
+                                                    self.fused_scales(), w13_block=self.w13_block)
+
     def _project(self, x: Tensor, name: str, index: Tensor | int | slice, equation: str) -> Tensor:
         weight, scale = self.expert_weight(name, index, x.dtype)
         out = torch.einsum(equation, x, weight)
@@ -355,6 +364,12 @@ class MOEFeedForward(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights, indices = self.route(x) if routing is None else routing
         return self.cond_ffn(x, weights, indices).reshape(shape)
+
+    def expert_partials(self, x: Tensor, routing: tuple[Tensor, Tensor]) -> Tensor | None:
+        """ConditionalFeedForward.expert_partials for x [..., D] (None: not fused here, or experts of another
+        kind)."""
+        partials = getattr(self.cond_ffn, "expert_partials", None)
+        return None if partials is None else partials(x.reshape(-1, x.shape[-1]), *routing)
 
     def end_block(self, x: Tensor, routing: tuple[Tensor, Tensor], residual: Tensor, norm: RMSNorm
                   ) -> tuple[Tensor, Tensor] | None:

@@ -283,6 +283,22 @@ def _(partial: Tensor, x: Tensor, norm_weight: Tensor, eps: float, group_name: s
         x, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("gpt_fast_mixtral::push_residual_norm_partials", mutates_args=())
+def push_residual_norm_partials(partials: Tensor, top_k: int, x: Tensor, norm_weight: Tensor, eps: float,
+                                group_name: str) -> tuple[Tensor, Tensor]:
+    """push_residual_norm of this rank's experts' sum given as the fused decode kernels' float32 partials
+    [split, N * top_k, D] (ConditionalFeedForward.expert_partials), which the push kernel sums itself:
+    the same bits, without kernels.moe.block_end's kernel."""
+    return _ONE_SHOT[group_name][x.dtype].run.residual_norm_partials(partials, top_k, x, norm_weight, eps)
+
+
+@push_residual_norm_partials.register_fake
+def _(partials: Tensor, top_k: int, x: Tensor, norm_weight: Tensor, eps: float,
+      group_name: str) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        x, memory_format=torch.contiguous_format)
+
+
 @torch.library.custom_op("gpt_fast_mixtral::push_residual_norm_route", mutates_args=())
 def push_residual_norm_route(partial: Tensor, x: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
                              top_k: int, group_name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -391,10 +407,18 @@ class ExpertParallelExperts(nn.Module):
         return f"first_expert={self.first_expert}, local_experts={self.experts.w1.shape[0]}"
 
     def forward(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor:
+        return self.experts(x, *self._local(expert_weights, expert_indices))
+
+    def expert_partials(self, x: Tensor, expert_weights: Tensor, expert_indices: Tensor) -> Tensor | None:
+        """ConditionalFeedForward.expert_partials of this rank's experts."""
+        return self.experts.expert_partials(x, *self._local(expert_weights, expert_indices))
+
+    def _local(self, expert_weights: Tensor, expert_indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The routing with local expert ids; other ranks' slots get id -1 and weight 0."""
         num_local = self.experts.w1.shape[0]
         local = expert_indices - self.first_expert
         here = (local >= 0) & (local < num_local)
-        return self.experts(x, expert_weights.masked_fill(~here, 0), local.masked_fill(~here, -1))
+        return expert_weights.masked_fill(~here, 0), local.masked_fill(~here, -1)
 
 
 class TensorParallelBlock(TransformerBlock):
@@ -413,6 +437,10 @@ class TensorParallelBlock(TransformerBlock):
     # False: the separate all-reduce kernels even where the fused ones apply (comparisons:
     # scripts/benchmark.py --no-fused-all-reduce)
     fused_all_reduce = True
+    # With the fused push after the experts: the push kernel sums the experts' float32 partials itself
+    # (push_residual_norm_partials) instead of kernels.moe.block_end's kernel before it; the same bits.
+    # False: block_end, then the push (comparisons: scripts/benchmark.py --no-fold-expert-sum).
+    fold_expert_sum = True
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int | None,
                 normed: Tensor | None = None, next_norm: RMSNorm | None = None) -> tuple[Tensor, Tensor | None]:
@@ -427,8 +455,13 @@ class TensorParallelBlock(TransformerBlock):
         h, moe_input, weights, ids = push_residual_norm_route(
             rows, x.reshape(-1, shape[-1]), self.ffn_norm.weight, self.ffn_norm.eps, moe.gate.weight, moe.top_k,
             group_name)
-        experts = moe(moe_input.view(shape), routing=(weights, ids)).reshape(-1, shape[-1])
-        out, normed = push_residual_norm(experts, h, next_norm.weight, next_norm.eps, group_name)
+        partials = moe.expert_partials(moe_input, (weights, ids)) if self.fold_expert_sum else None
+        if partials is not None:
+            out, normed = push_residual_norm_partials(partials, moe.top_k, h, next_norm.weight, next_norm.eps,
+                                                      group_name)
+        else:
+            experts = moe(moe_input.view(shape), routing=(weights, ids)).reshape(-1, shape[-1])
+            out, normed = push_residual_norm(experts, h, next_norm.weight, next_norm.eps, group_name)
         return out.view(shape), normed.view(shape)
 
 

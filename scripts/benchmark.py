@@ -326,6 +326,8 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         TensorParallelBlock.fused_all_reduce = options.fused_all_reduce
     if options.push_pdl is not None:
         allreduce_kernels.PDL = options.push_pdl
+    if options.fold_expert_sum is not None:
+        TensorParallelBlock.fold_expert_sum = options.fold_expert_sum
     moe_kernels.DEFAULT_CONFIG = dataclasses.replace(moe_kernels.DEFAULT_CONFIG, **options.moe_settings)
     int8_linear = quantize.WeightOnlyInt8Linear
     int8_linear.kernel_config = dataclasses.replace(int8_linear.kernel_config, **options.linear_settings)
@@ -406,6 +408,7 @@ def run(options: argparse.Namespace, device: torch.device, rank: int = 0, world_
         "world_size": world_size,
         "all_reduce": (options.all_reduce if cuda else "gloo") if options.parallel else None,
         "fused_all_reduce": TensorParallelBlock.fused_all_reduce if options.parallel else None,
+        "fold_expert_sum": TensorParallelBlock.fold_expert_sum if options.parallel else None,
         "batch_size": options.batch_size,
         "prompt_len": options.prompt_len,
         "new_tokens": options.new_tokens,
@@ -525,6 +528,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fused-all-reduce", action=argparse.BooleanOptionalAction, default=None,
                         help="push all-reduces fused with the residual add, the norm and the routing (default: "
                              "tp.TensorParallelBlock.fused_all_reduce, on; applies with --all-reduce push)")
+    parser.add_argument("--fold-expert-sum", action=argparse.BooleanOptionalAction, default=None,
+                        help="the fused push after the experts sums their float32 partials itself instead of a "
+                             "kernel before it (default: tp.TensorParallelBlock.fold_expert_sum, on)")
     parser.add_argument("--push-pdl", action=argparse.BooleanOptionalAction, default=None,
                         help="the push all-reduce kernels launched with programmatic dependent launch where "
                              "--pdl is on, so the next kernel's programs come in (and load their weights) "

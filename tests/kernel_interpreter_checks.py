@@ -379,17 +379,32 @@ def check_push_residual_norm() -> None:
     generator = torch.Generator().manual_seed(1)
     norm_weight = torch.rand(40, generator=generator) + 0.5
     gate = torch.randn(5, 40, generator=generator)
-    for call, (rows, fused, route) in enumerate([(5, True, True), (1, False, False), (3, True, False),
-                                                 (5, True, True), (2, False, False)]):
+    for call, (rows, fused, route, split) in enumerate([(5, True, True, 0), (1, False, False, 0), (3, True, False, 0),
+                                                        (5, True, True, 0), (2, False, False, 0), (3, True, False, 2),
+                                                        (1, True, False, 3), (4, True, False, 1)]):
         phase = call % allreduce.PHASES
         numel = rows * 40
         slot = [phase * world * capacity + source * capacity for source in range(world)]
         parts = [torch.randn(rows, 40, generator=generator) for _ in range(world)]
+        if split:  # our part as the experts' float32 partials [split, rows * 2, 40], summed as block_end does
+            partials = torch.randn(split, rows * 2, 40, generator=generator)
+            partials[:, :, ::9] = -0.0
+            per_slot = partials[0].clone()
+            for s in range(1, split):
+                per_slot += partials[s]
+            parts[rank] = torch.zeros(rows, 40) + per_slot.view(rows, 2, 40)[:, 0] + per_slot.view(rows, 2, 40)[:, 1]
         parts[rank][:, ::9] = -0.0
         for source in range(world):
             if source != rank:
                 buffers[rank][slot[source]:slot[source] + numel] = parts[source].flatten().view(bits)
-        if fused:
+        if split:
+            x = torch.randn(rows, 40, generator=generator)
+            got = run.residual_norm_partials(partials, 2, x, norm_weight, 1e-5)
+            expected = router.reference_residual_norm_route(x, allreduce.reference_all_reduce(parts), norm_weight,
+                                                            1e-5, gate, 2)
+            assert torch.equal(got[0], expected[0]), call
+            assert torch.allclose(got[1], expected[1], rtol=1e-5, atol=1e-6), call
+        elif fused:
             x = torch.randn(rows, 40, generator=generator)
             got = run.residual_norm(parts[rank], x, norm_weight, 1e-5, gate if route else None, 2)
             expected = router.reference_residual_norm_route(x, allreduce.reference_all_reduce(parts), norm_weight,

@@ -344,7 +344,7 @@ def test_fused_push_all_reduce_sends_and_polls_16_bytes_at_a_time(dtype: str, ro
     bits, empty = (tl.int16, -(1 << 15)) if dtype == "bf16" else (tl.int32, -(1 << 31))
     constexprs = dict(BITS=bits, RANK=1, WORLD=8, PHASES=3, SENTINEL=empty, BLOCK_D=4096, ROUTE=route, TOP_K=2,
                       BLOCK_K=2, BLOCK_E=8)
-    types = [f"*{dtype}"] * 7 + ["*i64", "*i64", "*i32", "i32", "i32", "i32", "fp32", "i32"] + ["i32"] * 5
+    types = [f"*{dtype}"] * 7 + ["*i64", "*i64", "*i32", "i32", "i32", "i32", "fp32", "i32"] + ["i32"] * 6
     ptx = compile_for_hopper(allreduce._push_residual_norm_kernel, types, constexprs, num_warps=16).asm["ptx"]
     assert "st.global.v4.b32" in ptx
     assert "ld.volatile.global.v4.b32" in ptx
@@ -383,17 +383,20 @@ def test_gate_up_launch_names_every_kernel_parameter(dtype, monkeypatch) -> None
     assert given == len(kernel.arg_names), (sorted(kwargs), kernel.arg_names)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_push_all_reduce_kernels_release_first_and_read_nothing_written_before_their_wait(fused: bool) -> None:
+@pytest.mark.parametrize("fused", ["", "route", "partials"])
+def test_push_all_reduce_kernels_release_first_and_read_nothing_written_before_their_wait(fused: str) -> None:
     """kernels.allreduce.PDL: a push kernel lets the next kernel in first thing (its programs then load their
     weights while the exchange waits on the peers) and reads nothing another kernel writes, its phase counters
-    and the partial sums included, before its wait: only the norm and router weights may come before it."""
+    and the partial sums (or the experts' float32 partials) included, before its wait: only the norm and
+    router weights may come before it."""
     import triton.language as tl
 
     if fused:
-        constexprs = dict(BITS=tl.int16, RANK=1, WORLD=2, PHASES=3, SENTINEL=-(1 << 15), BLOCK_D=4096, ROUTE=True,
-                          TOP_K=2, BLOCK_K=2, BLOCK_E=8, PDL=True)
-        types = ["*bf16"] * 7 + ["*i64", "*i64", "*i32", "i32", "i32", "i32", "fp32", "i32"] + ["i32"] * 5
+        route = fused == "route"
+        constexprs = dict(BITS=tl.int16, RANK=1, WORLD=2, PHASES=3, SENTINEL=-(1 << 15), BLOCK_D=4096, ROUTE=route,
+                          TOP_K=2, BLOCK_K=2, BLOCK_E=8, PDL=True, SPLIT=0 if route else 2, PART_K=2)
+        types = ["*fp32" if fused == "partials" else "*bf16"] + ["*bf16"] * 6
+        types += ["*i64", "*i64", "*i32", "i32", "i32", "i32", "fp32", "i32"] + ["i32"] * 6
         ptx = compile_for_hopper(allreduce._push_residual_norm_kernel, types, constexprs, num_warps=16).asm["ptx"]
     else:
         constexprs = dict(BITS=tl.int16, RANK=1, WORLD=2, PHASES=3, SENTINEL=-(1 << 15), BLOCK=allreduce.BLOCK,
@@ -405,4 +408,6 @@ def test_push_all_reduce_kernels_release_first_and_read_nothing_written_before_t
     before = ptx[:wait]
     assert "st.global" not in before and "ld.volatile" not in before
     # fused: the norm weights (4096 bfloat16 over 512 threads: one 16-byte load each) and the router's 8 rows
-    assert before.count("ld.global") == (9 if fused else 0)
+    assert before.count("ld.global") == {"": 0, "route": 9, "partials": 1}[fused]
+    if fused == "partials":  # the experts' partials (2 splits x 2 slots, float32) after the wait, 16 bytes a load
+        assert ptx[wait:].count("ld.global.v4.b32") >= 4

@@ -196,8 +196,9 @@ def fused_all_reduce_errors(dtype: torch.dtype, parts, rank: int) -> list[tuple]
     push_residual_norm_route, eagerly and in a CUDA graph) against kernels.router's reference on the
     rank-order sum; returns what differed."""
     from gpt_fast_mixtral.kernels.allreduce import reference_all_reduce
+    from gpt_fast_mixtral.kernels.moe import block_end
     from gpt_fast_mixtral.kernels.router import reference_residual_norm_route
-    from gpt_fast_mixtral.tp import push_residual_norm, push_residual_norm_route
+    from gpt_fast_mixtral.tp import push_residual_norm, push_residual_norm_partials, push_residual_norm_route
 
     device, dim, group_name = rank_device(), 4096, torch.distributed.group.WORLD.group_name
     bound = 1e-5 if dtype == torch.float32 else 2e-2
@@ -229,6 +230,16 @@ def fused_all_reduce_errors(dtype: torch.dtype, parts, rank: int) -> list[tuple]
         else:
             got = push_residual_norm_route(drawn[rank], x, norm_weight, 1e-5, gate, 2, group_name)
         errors += check(f"eager {call}", got, drawn, x)
+    # this rank's part as the experts' float32 partials [split, rows * 2, dim], which the push kernel sums in
+    # kernels.moe.block_end's order (tp.push_residual_norm_partials): h the same bits as through block_end
+    for call, (rows, split) in enumerate([(1, 2), (3, 1), (2, 3)]):
+        ys = [torch.randn(split, rows * 2, dim, device=device,
+                          generator=torch.Generator(device).manual_seed(4000 + 10 * call + source))
+              for source in range(torch.distributed.get_world_size())]
+        sums = [block_end(y, 2, dtype) for y in ys]
+        x = parts(950 + call, rows * dim, dtype)[0].view(rows, dim)
+        got = push_residual_norm_partials(ys[rank], 2, x, norm_weight, 1e-5, group_name)
+        errors += check(f"partials {call}", got, sums, x)
     # in a CUDA graph, between two plain all-reduces (the phases are shared)
     static = torch.zeros(3, dim, dtype=dtype, device=device)
     x = torch.zeros_like(static)

@@ -48,6 +48,7 @@ try:
     import triton
     import triton.language as tl
 
+    from gpt_fast_mixtral.kernels.moe import _split_sum
     from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait
     from gpt_fast_mixtral.kernels.router import normed_row, rms_rstd, single_pass, store_routing
 except ImportError:  # CPU-only installs
@@ -162,16 +163,20 @@ if triton is not None:
     @triton.jit
     def _push_residual_norm_kernel(part_ptr, x_ptr, h_ptr, normed_ptr, norm_w_ptr, gate_w_ptr, weights_ptr, ids_ptr,
                                    buffers_ptr, counters_ptr, rows, dim, num_experts, eps, capacity,
-                                   stride_part, stride_x, stride_h, stride_normed, stride_gate,
+                                   stride_part, stride_x, stride_h, stride_normed, stride_gate, stride_split,
                                    BITS: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr,
                                    PHASES: tl.constexpr, SENTINEL: tl.constexpr, BLOCK_D: tl.constexpr,
                                    ROUTE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
+                                   BLOCK_E: tl.constexpr, PDL: tl.constexpr = False, SPLIT: tl.constexpr = 0,
+                                   PART_K: tl.constexpr = 1):
         """The push all-reduce of `rows` rows of `dim` partial sums, one whole row per program at a time, and
         what the model does next with the sum: h = x + sum, normed = RMSNorm(h) and, with ROUTE, the routing
         of normed (kernels.router). Slots, phases and counters as _push_all_reduce_kernel (the same grid, so
         both kernels may share one buffer and its counters); row r's elements sit at r * dim. PDL: the norm
-        and router weights are loaded before the wait for the kernel before."""
+        and router weights are loaded before the wait for the kernel before.
+        SPLIT > 0: part_ptr holds the expert kernels' float32 partials [SPLIT, rows * PART_K, dim] (strides
+        stride_split, stride_part) and this rank's partial sum of row r is their kernels.moe._split_sum,
+        rounded to x's dtype: what kernels.moe.block_end would have written, without its kernel."""
         pdl_release(PDL)
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
@@ -187,8 +192,13 @@ if triton is not None:
         own = tl.multiple_of(tl.load(buffers_ptr + RANK).to(tl.pointer_type(BITS)), 16)
         phase_base = phase.to(tl.int64) * WORLD * capacity
         for row in range(pid, rows, programs):
-            _send(tl.load(part_ptr + row * stride_part + offs_d, mask=mask_d), buffers_ptr,
-                  phase_base + RANK * capacity + row * dim + offs_d, mask_d, BITS, WORLD, SENTINEL)
+            if SPLIT > 0:
+                part = _split_sum(part_ptr, tl.cast(row, tl.int64), offs_d, mask_d, stride_split, stride_part, SPLIT,
+                                  PART_K).to(x_ptr.dtype.element_ty)
+            else:
+                part = tl.load(part_ptr + row * stride_part + offs_d, mask=mask_d)
+            _send(part, buffers_ptr, phase_base + RANK * capacity + row * dim + offs_d, mask_d, BITS, WORLD,
+                  SENTINEL)
         for row in range(pid, rows, programs):
             x = tl.load(x_ptr + row * stride_x + offs_d, mask=mask_d, other=0.0)
             total = _receive_sum(own, phase_base + row * dim + offs_d, capacity, mask_d, x_ptr.dtype.element_ty, BITS,
@@ -245,8 +255,30 @@ class PushAllReduce:
             raise ValueError(f"fused push all-reduce of {self.dtype} rows up to {ROW_ELEMENTS} wide and "
                              f"{self.capacity} elements, got {partial.dtype} {tuple(partial.shape)} and x "
                              f"{x.dtype} {tuple(x.shape)}")
-        partial, x = partial.contiguous(), x.contiguous()
-        rows, dim = partial.shape
+        partial = partial.contiguous()
+        return self._residual_norm(partial, partial.stride(0), 0, 0, 1, x, norm_weight, eps, gate_weight, top_k)
+
+    def residual_norm_partials(self, partials: Tensor, top_k: int, x: Tensor, norm_weight: Tensor,
+                               eps: float) -> tuple[Tensor, Tensor]:
+        """residual_norm (no routing) of this rank's partial sum given as the expert kernels' float32
+        partials [split, N * top_k, D] (kernels.moe.fused_moe_partials): the kernel sums them as
+        kernels.moe.block_end does and rounds the sum to x's dtype, so the result has the same bits as
+        residual_norm(block_end(partials, top_k, x.dtype), x, ...), one kernel fewer."""
+        split, slots, dim = partials.shape
+        if (partials.dtype != torch.float32 or top_k < 1 or slots != x.shape[0] * top_k or x.dim() != 2
+                or x.shape[1] != dim or not self.fits_rows(x)):
+            raise ValueError(f"float32 partials [split, N * {top_k}, D] and x [N, D] of {self.dtype} (rows up to "
+                             f"{ROW_ELEMENTS} wide, {self.capacity} elements) expected, got {partials.dtype} "
+                             f"{tuple(partials.shape)} and x {x.dtype} {tuple(x.shape)}")
+        if partials.stride(-1) != 1:
+            partials = partials.contiguous()
+        return self._residual_norm(partials, partials.stride(1), partials.stride(0), split, top_k, x, norm_weight,
+                                   eps, None, 0)
+
+    def _residual_norm(self, part: Tensor, stride_part: int, stride_split: int, split: int, part_k: int, x: Tensor,
+                       norm_weight: Tensor, eps: float, gate_weight: Tensor | None, top_k: int) -> tuple[Tensor, ...]:
+        x = x.contiguous()
+        rows, dim = x.shape
         h, normed = torch.empty_like(x), torch.empty_like(x)
         route = gate_weight is not None
         if route:
@@ -257,12 +289,12 @@ class PushAllReduce:
             num_experts, gate_weight, weights, ids = 1, norm_weight, h, h
         use_pdl = PDL and pdl.active(x)
         _push_residual_norm_kernel[(self.counters.numel(),)](
-            partial, x, h, normed, norm_weight, gate_weight, weights, ids, self.buffers, self.counters, rows, dim,
-            num_experts, eps, self.capacity, partial.stride(0), x.stride(0), h.stride(0), normed.stride(0),
-            gate_weight.stride(0), **self.constants, BLOCK_D=triton.next_power_of_2(dim), ROUTE=route,
+            part, x, h, normed, norm_weight, gate_weight, weights, ids, self.buffers, self.counters, rows, dim,
+            num_experts, eps, self.capacity, stride_part, x.stride(0), h.stride(0), normed.stride(0),
+            gate_weight.stride(0), stride_split, **self.constants, BLOCK_D=triton.next_power_of_2(dim), ROUTE=route,
             TOP_K=max(top_k, 1), BLOCK_K=max(2, triton.next_power_of_2(top_k)),
-            BLOCK_E=max(2, triton.next_power_of_2(num_experts)), PDL=use_pdl, num_warps=16,
-            **pdl.launch_options(use_pdl))
+            BLOCK_E=max(2, triton.next_power_of_2(num_experts)), PDL=use_pdl, SPLIT=split, PART_K=part_k,
+            num_warps=16, **pdl.launch_options(use_pdl))
         return (h, normed, weights, ids) if route else (h, normed)
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -921,9 +921,10 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
 
 def _moe_decode(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor,
                 scales: tuple[Tensor, Tensor, Tensor] | None, c: MoEConfig, w13_block: tuple[int, int] | None,
-                end: BlockEnd | None) -> Tensor | tuple[Tensor, Tensor]:
+                end: BlockEnd | None, partials: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The matrix-vector kernels for x [N, D] (contiguous) and its flat slots' routing weights and experts
-    [N * k]; then the experts' sum, by a kernel of ours (with `end` or PDL) or by torch."""
+    [N * k]; then the experts' sum, by a kernel of ours (with `end` or PDL) or by torch; with `partials`,
+    the down kernel's float32 partials [split, N * k, D] instead, unsummed."""
     num_tokens, dim = x.shape
     num_experts, inter, _ = w1.shape
     slots = experts.shape[0]
@@ -961,9 +962,34 @@ def _moe_decode(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, 
         y.stride(0), HAS_SCALES=has_scales, MAGIC=c.int8_magic, SPLIT=split, BLOCK_O=block_o,
         BLOCK_I=c.gemv_down_block_i, PERSISTENT=persistent, STAGES=down_stages, PDL=use_pdl,
         PREFETCH=c.pdl_prefetch_down, num_warps=c.gemv_warps, **pdl.launch_options(use_pdl))
+    if partials:
+        return y
     if not (use_pdl or end is not None):
         return y.sum(dim=0).view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
     return block_end(y, top_k, x.dtype, end, use_pdl)
+
+
+def fused_moe_partials(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor,
+                       expert_indices: Tensor, scales: tuple[Tensor, Tensor, Tensor] | None = None,
+                       config: MoEConfig | None = None, w13_block: tuple[int, int] | None = None) -> Tensor:
+    """fused_moe's matrix-vector kernels without the experts' sum: the down kernel's float32 partials
+    y [split, N * k, D] (every element written; a slot of no expert holds zeros), which `block_end(y, k,
+    x.dtype)` would sum, for a consumer that sums them itself (kernels.allreduce.PushAllReduce.
+    residual_norm_partials). Only where `ends_block` says these kernels run."""
+    config = config or DEFAULT_CONFIG
+    if not ends_block(x, expert_indices.numel(), config):
+        raise ValueError(f"partials: only for the matrix-vector kernels with PDL (ends_block), got "
+                         f"{expert_indices.numel()} slots on {x.device}")
+    if w13_block is not None:
+        check_block(w1.shape, w13_block)
+    experts = expert_indices.reshape(-1).contiguous()
+    routing = routing_weights.reshape(-1).contiguous()
+    x = x.contiguous()
+    if pdl.compiled_launch(x):
+        s1, s2, s3 = scales if scales is not None else (None, None, None)
+        return torch.ops.gpt_fast_mixtral.moe_decode_partials(x, w1, w2, w3, routing, experts, s1, s2, s3,
+                                                              pdl.config_values(config), list(w13_block or ()))
+    return _moe_decode(x, w1, w2, w3, routing, experts, scales, config, w13_block, None, partials=True)
 
 
 def block_end(y: Tensor, top_k: int, dtype: torch.dtype, end: BlockEnd | None = None, use_pdl: bool = False
@@ -993,11 +1019,26 @@ BLOCK_END_SINGLE_PASS = 8192
 
 def _moe_decode_from_op(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor,
                         s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, config: list[int],
-                        w13_block: list[int], end: BlockEnd | None) -> Tensor | tuple[Tensor, Tensor]:
+                        w13_block: list[int], end: BlockEnd | None, partials: bool = False
+                        ) -> Tensor | tuple[Tensor, Tensor]:
     """_moe_decode from the custom ops' flat arguments (_fused_moe_gemv packs them)."""
     scales = (s1, s2, s3) if s1 is not None else None
     return _moe_decode(x, w1, w2, w3, routing, experts, scales, pdl.config_from_values(MoEConfig, config),
-                       tuple(w13_block) or None, end)
+                       tuple(w13_block) or None, end, partials)
+
+
+@torch.library.custom_op("gpt_fast_mixtral::moe_decode_partials", mutates_args=())
+def _moe_decode_partials_op(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor,
+                            s1: Tensor | None, s2: Tensor | None, s3: Tensor | None, config: list[int],
+                            w13_block: list[int]) -> Tensor:
+    return _moe_decode_from_op(x, w1, w2, w3, routing, experts, s1, s2, s3, config, w13_block, None, True)
+
+
+@_moe_decode_partials_op.register_fake
+def _(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor, s1: Tensor | None,
+      s2: Tensor | None, s3: Tensor | None, config: list[int], w13_block: list[int]) -> Tensor:
+    split = gemv_down_tile(pdl.config_from_values(MoEConfig, config), w2.element_size())[1]
+    return x.new_empty(split, experts.shape[0], x.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("gpt_fast_mixtral::moe_decode", mutates_args=())
