@@ -905,7 +905,7 @@ class BlockEnd(NamedTuple):
 
 def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights: Tensor,
                     expert_indices: Tensor, scales: tuple[Tensor, Tensor, Tensor] | None, c: MoEConfig,
-                    w13_block: tuple[int, int] | None = None, end: BlockEnd | None = None
+                    w13_block: tuple[int, int] | None = None, end: BlockEnd | None = None, partials: bool = False
                     ) -> Tensor | tuple[Tensor, Tensor]:
     experts = expert_indices.reshape(-1).contiguous()  # int32 or int64: a cast was one more kernel per layer
     routing = routing_weights.reshape(-1).contiguous()
@@ -913,10 +913,12 @@ def _fused_moe_gemv(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weigh
     if pdl.compiled_launch(x):
         s1, s2, s3 = scales if scales is not None else (None, None, None)
         args = (x, w1, w2, w3, routing, experts, s1, s2, s3, pdl.config_values(c), list(w13_block or ()))
+        if partials:
+            return torch.ops.gpt_fast_mixtral.moe_decode_partials(*args)
         if end is None:
             return torch.ops.gpt_fast_mixtral.moe_decode(*args)
         return torch.ops.gpt_fast_mixtral.moe_decode_end(*args, end.residual.contiguous(), end.norm_weight, end.eps)
-    return _moe_decode(x, w1, w2, w3, routing, experts, scales, c, w13_block, end)
+    return _moe_decode(x, w1, w2, w3, routing, experts, scales, c, w13_block, end, partials)
 
 
 def _moe_decode(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing: Tensor, experts: Tensor,
@@ -982,14 +984,7 @@ def fused_moe_partials(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_we
                          f"{expert_indices.numel()} slots on {x.device}")
     if w13_block is not None:
         check_block(w1.shape, w13_block)
-    experts = expert_indices.reshape(-1).contiguous()
-    routing = routing_weights.reshape(-1).contiguous()
-    x = x.contiguous()
-    if pdl.compiled_launch(x):
-        s1, s2, s3 = scales if scales is not None else (None, None, None)
-        return torch.ops.gpt_fast_mixtral.moe_decode_partials(x, w1, w2, w3, routing, experts, s1, s2, s3,
-                                                              pdl.config_values(config), list(w13_block or ()))
-    return _moe_decode(x, w1, w2, w3, routing, experts, scales, config, w13_block, None, partials=True)
+    return _fused_moe_gemv(x, w1, w2, w3, routing_weights, expert_indices, scales, config, w13_block, partials=True)
 
 
 def block_end(y: Tensor, top_k: int, dtype: torch.dtype, end: BlockEnd | None = None, use_pdl: bool = False
