@@ -12,6 +12,7 @@ which the handler answers with HTTP 400 and a message that names the field.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import reprlib
@@ -121,8 +122,8 @@ def parse_request(body: object, *, default_max_new_tokens: int, default_stream: 
     fields = decode_body(body, parsed=parsed)
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise RequestError(unknown[0], f"unknown field {_quote(unknown[0])}; the allowed fields are "
-                                       f"{', '.join(FIELDS)}")
+        raise RequestError(unknown[0], f"unknown field {_quote(unknown[0])}{_hint(unknown[0])}; the allowed "
+                                       f"fields are {', '.join(FIELDS)}")
 
     if "prompt" not in fields:
         raise RequestError("prompt", "prompt is required: send a non-empty string")
@@ -183,6 +184,31 @@ def fit_to_context(request: GenerationRequest, prompt_tokens: int, max_seq_len: 
 
 _SHORT = reprlib.Repr()  # quotes a client's value in a message (and the log) without its megabytes
 _SHORT.maxstring = _SHORT.maxlong = _SHORT.maxother = 60
+
+
+# What other servers' clients send where we expect one of FIELDS (OpenAI's API and vLLM, Hugging Face TGI,
+# transformers' generate()), and what to send instead.
+_OTHER_NAMES = {
+    "max_tokens": '"max_new_tokens"', "max_length": '"max_new_tokens"', "max_completion_tokens": '"max_new_tokens"',
+    "inputs": '"prompt"', "input": '"prompt"', "text": '"prompt"', "messages": '"prompt" (a string)',
+    "stop_sequences": '"stop"', "random_seed": '"seed"', "temp": '"temperature"',
+    "do_sample": '"temperature" (above 0 samples, 0 is greedy)',
+}
+
+
+def _hint(name: str) -> str:
+    """'; did you mean ...' for a field name close to one of ours or used by another server, else ''."""
+    if name == "parameters":  # TGI nests the settings: {"inputs": ..., "parameters": {...}}
+        return '; put the settings at the top level, e.g. {"prompt": "Hi", "max_new_tokens": 50}'
+    if len(name) > 64:
+        return ""
+    folded = name.strip().lower().replace("-", "_").replace(" ", "_")
+    if folded in FIELDS:
+        return f'; did you mean "{folded}"?'
+    if folded in _OTHER_NAMES:
+        return f"; did you mean {_OTHER_NAMES[folded]}?"
+    close = difflib.get_close_matches(folded, FIELDS, n=1, cutoff=0.75)
+    return f'; did you mean "{close[0]}"?' if close else ""
 
 
 def _quote(value: object) -> str:

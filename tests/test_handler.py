@@ -149,7 +149,13 @@ BAD_BODIES: list[tuple[str, Body, str | None, str]] = [
     ("stop not a list", {"prompt": "x", "stop": "###"}, "stop", "array"),
     ("empty stop string", {"prompt": "x", "stop": [""]}, "stop", "non-empty"),
     ("stream not a boolean", {"prompt": "x", "stream": "yes"}, "stream", "true or false"),
-    ("unknown field", {"prompt": "x", "max_tokens": 5}, "max_tokens", "unknown field"),
+    ("unknown field", {"prompt": "x", "n": 2}, "n", "unknown field"),
+    # A near miss, or another server's name for one of ours, gets the name to send instead.
+    ("OpenAI's max_tokens", {"prompt": "x", "max_tokens": 5}, "max_tokens", 'did you mean "max_new_tokens"?'),
+    ("misspelt field", {"prompt": "x", "temprature": 0.5}, "temprature", 'did you mean "temperature"?'),
+    ("field in capitals", {"Prompt": "x"}, "Prompt", 'did you mean "prompt"?'),
+    ("TGI's inputs", {"inputs": "x", "parameters": {"max_new_tokens": 5}}, "inputs", 'did you mean "prompt"?'),
+    ("TGI's parameters", {"prompt": "x", "parameters": {"max_new_tokens": 5}}, "parameters", "at the top level"),
     ("lone surrogate in the prompt", b'{"prompt": "a\\ud800b"}', "prompt", "lone surrogate"),
     ("lone surrogate in a stop string", b'{"prompt": "a", "stop": ["\\udc00"]}', "stop", "lone surrogate"),
     # TorchServe parses an application/json body itself: what reaches the handler is the JSON value.
@@ -191,6 +197,14 @@ def test_a_bad_request_gets_400_naming_its_field_and_spares_its_batch(
     assert before.status == after.status == 200
     assert before.text == after.text == alone
     assert worker.answer(good) == alone
+
+
+@pytest.mark.parametrize("name", ["n", "best_of", "logprobs", "x" * 100, "ab"])
+def test_an_unknown_field_unlike_any_of_ours_gets_no_guess(name: str) -> None:
+    with pytest.raises(RequestError) as raised:
+        parse_request({"prompt": "x", name: 1}, default_max_new_tokens=8, default_stream=False, max_seq_len=64)
+    assert raised.value.field == name
+    assert "did you mean" not in raised.value.message and "allowed fields are prompt" in raised.value.message
 
 
 @pytest.mark.parametrize(("body", "field"), [
