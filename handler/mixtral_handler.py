@@ -224,7 +224,12 @@ class MixtralHandler(BaseHandler):
                     self._generate([job], answers, context)
             code, kind = (507, "OutOfResources") if out_of_memory else (500, "InternalServerError")
             for index, *_ in failed:
-                answers[index] = self._error(context, index, code, kind, message)
+                row = next(row for row, job in enumerate(jobs) if job[0] == index)
+                # A streamed request that had sent text keeps the 200 that went out with its first chunk: its
+                # last chunk is this JSON body, which says that the text before it is cut short.
+                sent = (f" after {streamed_chars[row]} characters were streamed (that text is incomplete)"
+                        if streamed_chars[row] else "")
+                answers[index] = self._error(context, index, code, kind, message + sent)
             return
         for row, ((index, request, _, _), result) in enumerate(zip(jobs, results, strict=True)):
             # A streamed answer has gone out already; its final message carries whatever is left.

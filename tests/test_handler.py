@@ -320,6 +320,31 @@ def test_a_failed_generate_fails_its_batch_but_not_the_worker(worker: Worker, mo
     assert worker.answer(good) == alone
 
 
+def test_a_stream_that_fails_midway_ends_with_the_error(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its 200 went out with the first chunk; the last chunk is the error body, saying the text is cut short.
+    assert worker.handler.engine is not None
+
+    def stream_then_fail(prompts: list[list[int]], params: Any, on_text: Any = None, **kwargs: Any) -> Any:
+        on_text(0, "Paris")
+        on_text(0, " is")
+        raise RuntimeError("device lost")
+
+    streaming = {"prompt": "The capital of France", "max_new_tokens": 8, "stream": True}
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.handler.engine, "generate", stream_then_fail)
+        [response], streamed = worker.predict(streaming)
+    assert "".join(m.text for [m] in streamed) == "Paris is"
+    assert response.status == 500 and response.content_type == "application/json"
+    assert json.loads(response.text) == {
+        "code": 500, "type": "InternalServerError",
+        "message": "generation failed: RuntimeError after 8 characters were streamed (that text is incomplete)"}
+    # A request that had streamed nothing says nothing of the kind.
+    with monkeypatch.context() as patch:
+        patch.setattr(worker.handler.engine, "generate", lambda *args, **kwargs: 1 / 0)
+        [response], streamed = worker.predict(streaming)
+    assert streamed == [] and json.loads(response.text)["message"] == "generation failed: ZeroDivisionError"
+
+
 def _generate_out_of_memory_with(worker: Worker, patch: pytest.MonkeyPatch, fits: Any) -> list[int]:
     """Make the engine raise torch.OutOfMemoryError for every batch `fits(prompts)` refuses; returns the
     sizes of the batches it was called with."""
