@@ -209,12 +209,12 @@ class MixtralHandler(BaseHandler):
         else:
             out_of_memory, message = False, None
         if message is not None:  # past the except block: the failed batch's tensors are released
-            failed = jobs
+            failed = range(len(jobs))  # rows of jobs
             if out_of_memory and len(jobs) > 1:
                 # Together the batch did not fit (one long prompt or a large max_new_tokens is enough): each
                 # request that has sent nothing yet runs again alone, so only those that cannot fit fail. Every
                 # rank of a tensor-parallel worker sees the same batch and memory, so all of them retry alike.
-                failed = [job for row, job in enumerate(jobs) if streamed_chars[row]]
+                failed = [row for row in range(len(jobs)) if streamed_chars[row]]
                 retry = [job for row, job in enumerate(jobs) if not streamed_chars[row]]
                 logger.warning("out of GPU memory for a batch of %d: running %d of its requests one at a time",
                                len(jobs), len(retry))
@@ -223,8 +223,8 @@ class MixtralHandler(BaseHandler):
                 for job in retry:
                     self._generate([job], answers, context)
             code, kind = (507, "OutOfResources") if out_of_memory else (500, "InternalServerError")
-            for index, *_ in failed:
-                row = next(row for row, job in enumerate(jobs) if job[0] == index)
+            for row in failed:
+                index = jobs[row][0]
                 # A streamed request that had sent text keeps the 200 that went out with its first chunk: its
                 # last chunk is this JSON body, which says that the text before it is cut short.
                 sent = (f" after {streamed_chars[row]} characters were streamed (that text is incomplete)"
