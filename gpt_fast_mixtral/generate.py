@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import os
 import random
 import sys
@@ -43,7 +45,39 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None  # None draws a fresh seed
-    stop: Sequence[str] = ()
+    stop: Sequence[str] = ()  # a single string is one stop string, as in vLLM and OpenAI's API
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = ()
+        elif isinstance(self.stop, str):  # iterated, "###" would stop at any "#"
+            self.stop = (self.stop,)
+
+
+def check_sampling_params(params: SamplingParams) -> None:
+    """Raise GenerationError naming the first setting that is out of range or of the wrong kind.
+
+    Needs no model: the command line checks its arguments with it before loading one."""
+
+    def is_integer(value: object) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def is_number(value: object) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not is_integer(params.max_new_tokens) or params.max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {params.max_new_tokens!r}")
+    if not is_number(params.temperature) or params.temperature < 0:
+        raise GenerationError(
+            f"temperature must be a finite number >= 0 (0 is greedy), got {params.temperature!r}")
+    if params.top_k is not None and (not is_integer(params.top_k) or params.top_k < 1):
+        raise GenerationError(f"top_k must be an integer >= 1 or None, got {params.top_k!r}")
+    if params.top_p is not None and (not is_number(params.top_p) or not 0 < params.top_p <= 1):
+        raise GenerationError(f"top_p must be a number in (0, 1] or None, got {params.top_p!r}")
+    if params.seed is not None and not is_integer(params.seed):
+        raise GenerationError(f"seed must be an integer or None, got {params.seed!r}")
+    if any(not isinstance(stop, str) or not stop for stop in params.stop):
+        raise GenerationError(f"stop must be non-empty strings, got {list(params.stop)!r}")
 
 
 @dataclass
@@ -180,13 +214,7 @@ class Engine:
         """Raise GenerationError if the request cannot run; the message names what to change."""
         if not prompt_tokens:
             raise GenerationError("the prompt is empty")
-        if params.max_new_tokens < 1:
-            raise GenerationError("max_new_tokens must be at least 1")
-        if any(not isinstance(stop, str) or not stop for stop in params.stop):
-            raise GenerationError("every stop string must be a non-empty string")
-        if params.temperature < 0 or (params.top_p is not None and not 0 < params.top_p <= 1) or (
-                params.top_k is not None and params.top_k < 1):
-            raise GenerationError("temperature must be >= 0, top_p in (0, 1] and top_k >= 1")
+        check_sampling_params(params)
         total = len(prompt_tokens) + params.max_new_tokens
         if total > self.max_seq_len:
             raise GenerationError(

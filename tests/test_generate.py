@@ -327,6 +327,37 @@ def test_bad_sampling_settings_are_refused(engine, params):
         generate_one(engine, PROMPT, params)
 
 
+@pytest.mark.parametrize(("params", "field"), [
+    (SamplingParams(max_new_tokens=4, temperature=float("nan")), "temperature"),
+    (SamplingParams(max_new_tokens=4, temperature=float("inf")), "temperature"),
+    (SamplingParams(max_new_tokens=4, temperature=True), "temperature"),
+    (SamplingParams(max_new_tokens=4, temperature="0.5"), "temperature"),
+    (SamplingParams(max_new_tokens=4, temperature=0.8, top_p=float("nan")), "top_p"),
+    (SamplingParams(max_new_tokens=5.5), "max_new_tokens"),
+    (SamplingParams(max_new_tokens=True), "max_new_tokens"),
+    (SamplingParams(max_new_tokens=4, temperature=0.8, top_k=2.5), "top_k"),
+    (SamplingParams(max_new_tokens=4, temperature=0.8, seed=1.5), "seed"),
+    (SamplingParams(max_new_tokens=4, stop=[7]), "stop"),
+], ids=["nan_temperature", "inf_temperature", "bool_temperature", "str_temperature", "nan_top_p",
+        "fractional_max_new_tokens", "bool_max_new_tokens", "fractional_top_k", "fractional_seed", "int_stop"])
+def test_settings_of_the_wrong_kind_are_refused_naming_the_setting_and_value(engine, params, field):
+    """Not silently greedy (NaN temperature), rounded (5.5 tokens gave 6) or truncated (top_k 2.5 gave 2)."""
+    with pytest.raises(GenerationError, match=rf"^{field} must .*got "):
+        generate_one(engine, PROMPT, params)
+
+
+def test_a_single_stop_string_is_one_stop_string_not_its_characters(engine, greedy):
+    """As in vLLM and OpenAI's API, `stop="..."` is one string; iterated, it would stop at any of its
+    characters."""
+    pieces = token_pieces(engine.tokenizer, greedy.tokens)
+    stop, _ = straddling_stop(pieces, len(pieces) // 2)
+    as_string = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48, stop=stop))
+    assert as_string.text == generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48, stop=[stop])).text
+    assert as_string.text == greedy.text[:greedy.text.find(stop)]
+    unset = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48, stop=None))
+    assert unset.text == greedy.text and unset.finish_reason == "length"
+
+
 def test_token_ids_outside_the_vocabulary_are_refused(engine):
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         generate_one(engine, [1, engine.model.args.vocab_size], SamplingParams(max_new_tokens=2))
