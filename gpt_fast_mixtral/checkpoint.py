@@ -368,8 +368,8 @@ def _replace_file(path: Path, data: bytes) -> None:
 # Loading.
 
 
-def read_state_dict(checkpoint_path: Path) -> dict[str, Tensor]:
-    """Our checkpoint's state dict, memory-mapped; CheckpointError when it is missing, damaged or foreign."""
+def check_checkpoint_path(checkpoint_path: Path) -> None:
+    """CheckpointError unless `checkpoint_path` is a file (a directory is named as one)."""
     if checkpoint_path.is_dir():
         raise CheckpointError(
             f"{checkpoint_path} is a directory: pass the checkpoint file in it, e.g. "
@@ -377,6 +377,11 @@ def read_state_dict(checkpoint_path: Path) -> dict[str, Tensor]:
     if not checkpoint_path.is_file():
         raise CheckpointError(
             f"{checkpoint_path} does not exist: convert a checkpoint with scripts/convert_hf_checkpoint.py")
+
+
+def read_state_dict(checkpoint_path: Path) -> dict[str, Tensor]:
+    """Our checkpoint's state dict, memory-mapped; CheckpointError when it is missing, damaged or foreign."""
+    check_checkpoint_path(checkpoint_path)
     try:
         state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
         if not isinstance(state_dict, dict) or not all(isinstance(t, Tensor) for t in state_dict.values()):

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gpt_fast_mixtral.checkpoint import load_model
+from gpt_fast_mixtral.checkpoint import check_checkpoint_path, load_model
+from gpt_fast_mixtral.config import load_model_args
 from gpt_fast_mixtral.model import Transformer
 from gpt_fast_mixtral.quantize import block_int8_experts
 from gpt_fast_mixtral.sampling import SamplingTensors, sample
@@ -171,6 +172,14 @@ class _TokenReader:
         return self._tokens.tolist()
 
 
+def check_context(prompt_length: int, max_new_tokens: int, max_seq_len: int) -> None:
+    total = prompt_length + max_new_tokens
+    if total > max_seq_len:
+        raise GenerationError(
+            f"the prompt has {prompt_length} tokens and max_new_tokens is {max_new_tokens}: {total} exceeds the "
+            f"context of {max_seq_len} tokens; shorten the prompt or lower max_new_tokens")
+
+
 class Engine:
     """A model, its tokenizer and its KV cache: turns prompts into text, several rows at a time."""
 
@@ -215,12 +224,7 @@ class Engine:
         if not prompt_tokens:
             raise GenerationError("the prompt is empty")
         check_sampling_params(params)
-        total = len(prompt_tokens) + params.max_new_tokens
-        if total > self.max_seq_len:
-            raise GenerationError(
-                f"the prompt has {len(prompt_tokens)} tokens and max_new_tokens is {params.max_new_tokens}: "
-                f"{total} exceeds the context of {self.max_seq_len} tokens; shorten the prompt or lower "
-                "max_new_tokens")
+        check_context(len(prompt_tokens), params.max_new_tokens, self.max_seq_len)
         if bad := [t for t in prompt_tokens if not 0 <= t < self.model.args.vocab_size]:
             raise GenerationError(f"token id {bad[0]} is outside the vocabulary")
 
@@ -328,6 +332,16 @@ def _is_distributed() -> bool:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate text with a converted Mixtral checkpoint.")
     parser.add_argument("--checkpoint-path", type=Path, required=True,
@@ -342,7 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--max-seq-len", type=int, default=None,
+    parser.add_argument("--max-seq-len", type=_positive_int, default=None,
                         help="KV cache length (default: prompt + max new tokens)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -369,6 +383,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Under torchrun every rank runs this same program on its shard; rank 0 alone prints the answer.
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     try:
+        # Everything the arguments alone decide is checked before the process group and the model (minutes
+        # for Mixtral), and before the prompt is echoed.
+        check_sampling_params(params)
+        check_checkpoint_path(args.checkpoint_path)
+        tokenizer = Tokenizer(args.checkpoint_path.parent / "tokenizer.model")
+        prompt_tokens = tokenizer.encode(args.prompt, bos=True)
+        context = load_model_args(args.checkpoint_path.parent).max_position_embeddings
+        if args.max_seq_len is not None and args.max_seq_len > context:
+            raise GenerationError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} "
+                                  "tokens (max_position_embeddings in config.json)")
+        max_seq_len = args.max_seq_len or min(len(prompt_tokens) + args.max_new_tokens, context)
+        check_context(len(prompt_tokens), params.max_new_tokens, max_seq_len)
+    except GenerationError as error:  # the same arguments give every rank the same error: said once
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as error:  # files: a rank's node may differ
+        return _report(error, rank, world_size)
+    try:
         transform = None
         if world_size > 1:
             if device.type == "cuda":
@@ -376,11 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             init_process_group(device, args.all_reduce)
             transform = partial(apply_tensor_parallel, rank=rank, world_size=world_size, mode=args.parallel,
                                 device=device)
-        tokenizer = Tokenizer(args.checkpoint_path.parent / "tokenizer.model")
-        prompt_tokens = tokenizer.encode(args.prompt, bos=True)
         model = load_model(args.checkpoint_path, device=device, dtype=dtype, transform=transform)
-        max_seq_len = args.max_seq_len or min(len(prompt_tokens) + args.max_new_tokens,
-                                              model.args.max_position_embeddings)
         engine = Engine(model, tokenizer, max_seq_len=max_seq_len, compile=args.compile)
         stream = None if args.json or rank != 0 else (lambda _row, piece: print(piece, end="", flush=True))
         if stream:
@@ -390,9 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ("terminate called without an active exception") in about one run of ten under gloo.
         leave_process_group()
     except (ValueError, OSError) as error:
-        # Every rank says what went wrong: a failure on one rank alone must not go unseen.
-        print(f"error: {f'rank {rank}: ' if world_size > 1 else ''}{error}", file=sys.stderr)
-        return 2
+        return _report(error, rank, world_size)
     if rank != 0:
         return 0
     if args.json:
@@ -406,6 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{result.time_to_first_token_s * 1000:.1f} ms, {result.decode_tokens_per_s:.1f} tok/s]",
               file=sys.stderr)
     return 0
+
+
+def _report(error: Exception, rank: int, world_size: int) -> int:
+    # Every rank says what went wrong: a failure on one rank alone must not go unseen.
+    print(f"error: {f'rank {rank}: ' if world_size > 1 else ''}{error}", file=sys.stderr)
+    return 2
 
 
 def exit_rank(code: int) -> None:

@@ -3,6 +3,7 @@ stopping and streaming are exact, bad requests are refused; and the `python -m g
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -418,6 +419,73 @@ def test_cli_missing_checkpoint_exits_with_a_one_line_error(tmp_path):
     assert "Traceback" not in stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "nowhere" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def damaged_checkpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model.pth that cannot be loaded, beside a good config.json and tokenizer.model: an argument
+    error reported with it was found before the (for Mixtral, minutes long) load."""
+    directory = tmp_path_factory.mktemp("damaged")
+    for name in ("config.json", "tokenizer.model"):
+        (directory / name).write_bytes((checkpoint.parent / name).read_bytes())
+    (directory / "model.pth").write_bytes(b"not a checkpoint" * 64)
+    return directory / "model.pth"
+
+
+def run_main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """The command line in this process (no torch import to wait for): exit status, stdout, stderr."""
+    from gpt_fast_mixtral.generate import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_error_line(code: int, stdout: str, stderr: str) -> str:
+    assert code == 2, stderr
+    assert stdout == "", "nothing (not even the prompt) is printed before the error"
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--max-new-tokens", "0"), "max_new_tokens must be an integer >= 1, got 0"),
+    (("--temperature", "-1"), "temperature must be"),
+    (("--temperature", "nan"), r"temperature must be a finite number >= 0 .*got nan"),
+    (("--top-p", "0"), "top_p must be"),
+    (("--top-k", "0"), "top_k must be"),
+    (("--stop", ""), "stop must be non-empty strings"),
+    (("--max-new-tokens", "2000"), r"max_new_tokens is 2000: \d+ exceeds the context of 1024 tokens"),
+    (("--max-new-tokens", "20", "--max-seq-len", "10"), "exceeds the context of 10 tokens"),
+    (("--max-seq-len", "5000"), "--max-seq-len 5000 exceeds the model's context of 1024"),
+], ids=["max_new_tokens", "temperature", "nan_temperature", "top_p", "top_k", "empty_stop", "past_the_model",
+        "past_max_seq_len", "max_seq_len_past_the_model"])
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_cli_bad_arguments_are_reported_before_the_model_loads_and_before_any_output(
+        capsys, damaged_checkpoint, args, message, output):
+    extra = ("--json",) if output == "json" else ()
+    line = one_error_line(*run_main(capsys, "--checkpoint-path", str(damaged_checkpoint), "--prompt", "Hello world",
+                                    *args, *extra))
+    assert re.search(message, line) and "cannot read" not in line
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_cli_max_seq_len_must_be_a_positive_integer(capsys, checkpoint, value):
+    code, stdout, stderr = run_main(capsys, "--checkpoint-path", str(checkpoint), "--prompt", "Hi",
+                                    "--max-new-tokens", "2", "--max-seq-len", value)
+    assert code == 2 and stdout == ""  # 0 was ignored, -5 a traceback
+    assert "argument --max-seq-len: must be a positive integer" in stderr.strip().splitlines()[-1]
+
+
+def test_cli_checkpoint_directory_is_named_as_such(capsys, checkpoint):
+    line = one_error_line(*run_main(capsys, "--checkpoint-path", str(checkpoint.parent), "--prompt", "Hi"))
+    # It used to look for tokenizer.model in the directory's parent and report that missing.
+    assert "is a directory" in line and str(checkpoint) in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -358,6 +358,21 @@ def test_torchrun_cli_prints_the_single_process_json_once(tiny_converted_dir: Pa
     assert output["prompt_tokens"] == expected.prompt_tokens and output["finish_reason"] == expected.finish_reason
 
 
+@pytest.mark.slow
+def test_torchrun_cli_reports_a_bad_argument_once_before_loading_and_every_rank_exits(tiny_converted_dir: Path) -> None:
+    args = ["--checkpoint-path", str(tiny_converted_dir / "model.pth"), "--prompt", "Hello world", "--top-p", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "gpt_fast_mixtral.generate", *args],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert result.stdout == "", "the prompt is not echoed before the error"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    # It was printed by each rank, after each had loaded its shard.
+    assert errors == ["error: top_p must be a number in (0, 1] or None, got 2.0"], result.stderr
+
+
 # ---------------------------------------------------------------------------------------------------
 # The TorchServe handler with WORLD_SIZE=2, as TorchServe's torchrun workers run it.
 
