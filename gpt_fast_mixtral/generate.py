@@ -190,8 +190,11 @@ class Engine:
             raise GenerationError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: "
                 "they do not belong together")
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if value is not None and (not isinstance(value, numbers.Integral) or value < 1):
+                raise GenerationError(f"{name} must be a positive integer, got {value!r}")
         self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len or min(model.args.max_position_embeddings, 4096)
+        self.max_seq_len = max_seq_len if max_seq_len is not None else min(model.args.max_position_embeddings, 4096)
         self.prefill_chunk = prefill_chunk
         self.device = model.device
         block_int8_experts(model)  # GPU models only: the decode kernels read contiguous blocks

@@ -364,6 +364,13 @@ def test_token_ids_outside_the_vocabulary_are_refused(engine):
         generate_one(engine, [1, engine.model.args.vocab_size], SamplingParams(max_new_tokens=2))
 
 
+@pytest.mark.parametrize("kwargs", [{"max_seq_len": 0}, {"max_seq_len": -4}, {"max_batch_size": 0}])
+def test_an_engine_without_room_is_refused(checkpoint, engine, kwargs):
+    # max_seq_len=0 took the default silently, -4 failed inside the KV cache's allocation.
+    with pytest.raises(GenerationError, match=f"{next(iter(kwargs))} must be a positive integer"):
+        Engine(load_model(checkpoint, dtype=torch.float32), engine.tokenizer, **kwargs)
+
+
 def test_a_refused_request_leaves_the_engine_usable(engine, greedy):
     with pytest.raises(GenerationError):
         engine.generate([PROMPT, PROMPT], [SamplingParams(max_new_tokens=5), SamplingParams(temperature=-1)])
