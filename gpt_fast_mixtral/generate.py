@@ -153,6 +153,7 @@ class _TokenReader:
 
     def __init__(self, like: Tensor) -> None:
         self._cuda = like.is_cuda
+        self.overlaps = self._cuda  # whether work queued after start() runs while finish() waits
         if self._cuda:
             self._host = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
             self._done = torch.cuda.Event()
@@ -254,12 +255,30 @@ class Engine:
         first_token_time: float | None = None
         positions = lengths.clone()
         reader = _TokenReader(next_tokens)
+        # On a GPU, the copy of this step's tokens is queued, then the next step, then the host waits for the
+        # copy only: it streams text and checks stops while the GPU computes the next token (a row that stops
+        # then discards that one extra token). On the CPU a step runs to its end when called, so there is
+        # nothing to overlap: the tokens are read and streamed first.
+        overlap = reader.overlaps
+
+        def take(host_tokens: list[int]) -> bool:
+            nonlocal first_token_time
+            if first_token_time is None:
+                first_token_time = time.perf_counter()
+            for index, (row, token) in enumerate(zip(rows, host_tokens, strict=True)):
+                if row.finish_reason is None:
+                    piece = row.push(token)
+                    if piece and on_text is not None:
+                        on_text(index, piece)
+            return all(row.finish_reason for row in rows)
+
         while True:
-            # Queue the copy of this step's tokens, then the next step, then wait for the copy only:
-            # the host streams text and checks stops while the GPU computes the next token. A row that
-            # stops here discards that one extra token.
             reader.start(next_tokens)
-            if any(row.finish_reason is None and len(row.tokens) + 1 < row.params.max_new_tokens for row in rows):
+            if not overlap and take(reader.finish()):
+                break
+            in_flight = 1 if overlap else 0  # this step's token, not yet taken
+            if any(row.finish_reason is None and len(row.tokens) + in_flight < row.params.max_new_tokens
+                   for row in rows):
                 steps += 1
                 input_pos = positions.clamp(max=self.max_seq_len - 1)[:, None]
                 # The compiled step's outputs live in its CUDA graph's memory until the next step:
@@ -268,14 +287,7 @@ class Engine:
                 next_tokens = argmax.clone() if greedy else sample(step_logits, settings, steps)
                 del argmax, step_logits
                 positions += 1
-            host_tokens = reader.finish()
-            first_token_time = first_token_time or time.perf_counter()
-            for index, (row, token) in enumerate(zip(rows, host_tokens, strict=True)):
-                if row.finish_reason is None:
-                    piece = row.push(token)
-                    if piece and on_text is not None:
-                        on_text(index, piece)
-            if all(row.finish_reason for row in rows):
+            if overlap and take(reader.finish()):
                 break
         end = time.perf_counter()
         return [GenerationResult(row.text, tokens, row.tokens, row.finish_reason or "length",
@@ -386,25 +398,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Under torchrun every rank runs this same program on its shard; rank 0 alone prints the answer.
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     try:
-        # Everything the arguments alone decide is checked before the process group and the model (minutes
-        # for Mixtral), and before the prompt is echoed.
-        check_sampling_params(params)
-        check_checkpoint_path(args.checkpoint_path)
-        tokenizer = Tokenizer(args.checkpoint_path.parent / "tokenizer.model")
-        prompt_tokens = tokenizer.encode(args.prompt, bos=True)
-        context = load_model_args(args.checkpoint_path.parent).max_position_embeddings
-        if args.max_seq_len is not None and args.max_seq_len > context:
-            raise GenerationError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of {context} "
-                                  "tokens (max_position_embeddings in config.json)")
-        max_seq_len = args.max_seq_len or min(len(prompt_tokens) + args.max_new_tokens, context)
-        check_context(len(prompt_tokens), params.max_new_tokens, max_seq_len)
-    except GenerationError as error:  # the same arguments give every rank the same error: said once
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as error:  # files: a rank's node may differ
-        return _report(error, rank, world_size)
-    try:
         transform = None
         if world_size > 1:
             if device.type == "cuda":
@@ -412,6 +405,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             init_process_group(device, args.all_reduce)
             transform = partial(apply_tensor_parallel, rank=rank, world_size=world_size, mode=args.parallel,
                                 device=device)
+        try:
+            # Everything the arguments alone decide is checked before the model loads (minutes for Mixtral)
+            # and before the prompt is echoed.
+            check_sampling_params(params)
+            check_checkpoint_path(args.checkpoint_path)
+            tokenizer = Tokenizer(args.checkpoint_path.parent / "tokenizer.model")
+            prompt_tokens = tokenizer.encode(args.prompt, bos=True)
+            context = load_model_args(args.checkpoint_path.parent).max_position_embeddings
+            if args.max_seq_len is not None and args.max_seq_len > context:
+                raise GenerationError(f"--max-seq-len {args.max_seq_len} exceeds the model's context of "
+                                      f"{context} tokens (max_position_embeddings in config.json)")
+            max_seq_len = args.max_seq_len or min(len(prompt_tokens) + args.max_new_tokens, context)
+            check_context(len(prompt_tokens), params.max_new_tokens, max_seq_len)
+        except GenerationError as error:
+            # The same arguments give every rank the same error: rank 0 says it once, and the others wait
+            # until it has (torchrun stops the remaining ranks as soon as one of them exits).
+            if rank == 0:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            leave_process_group()
+            return 2
         model = load_model(args.checkpoint_path, device=device, dtype=dtype, transform=transform)
         engine = Engine(model, tokenizer, max_seq_len=max_seq_len, compile=args.compile)
         stream = None if args.json or rank != 0 else (lambda _row, piece: print(piece, end="", flush=True))

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -242,6 +243,30 @@ def test_eos_stops_generation_and_adds_no_text(checkpoint, greedy):
 
 # ---------------------------------------------------------------------------------------------------
 # Streaming.
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the next step is queued before the read, by design")
+def test_on_the_cpu_the_first_token_is_streamed_and_timed_before_the_next_step_runs(engine, greedy, monkeypatch):
+    """A CPU step runs to its end when called: reading the previous token after it (the GPU's overlap) only
+    delayed the first piece by a step and counted that step in time_to_first_token_s."""
+    import gpt_fast_mixtral.generate as generate_module
+
+    clock, events = [0.0], []
+    monkeypatch.setattr(generate_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    step = engine._decode
+
+    def timed_step(*args):
+        events.append("step")
+        clock[0] += 1.0  # each decode step takes one "second" of the fake clock; nothing else does
+        return step(*args)
+
+    monkeypatch.setattr(engine, "_decode", timed_step)
+    result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=4),
+                          on_text=lambda _row, piece: events.append("text"))
+    assert result.tokens == greedy.tokens[:4]
+    assert events[0] == "text" and events.count("step") == 3
+    assert result.time_to_first_token_s == 0.0 and result.total_time_s == 3.0
+    assert result.decode_tokens_per_s == 1.0
 
 
 def test_streamed_pieces_join_to_the_text(engine, greedy):
