@@ -45,7 +45,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 is greedy
     top_k: int | None = None
     top_p: float | None = None
-    seed: int | None = None  # None draws a fresh seed
+    seed: int | None = None  # None draws a fresh seed; any other integer is taken modulo 2**63
     stop: Sequence[str] = ()  # a single string is one stop string, as in vLLM and OpenAI's API
 
     def __post_init__(self) -> None:
@@ -300,7 +300,7 @@ class Engine:
         def tensor(values: list, dtype: torch.dtype) -> Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
-        seed = tensor([random.getrandbits(62) if p.seed is None else p.seed & (2**62 - 1) for p in params],
+        seed = tensor([random.getrandbits(63) if p.seed is None else p.seed & (2**63 - 1) for p in params],
                       torch.int64)
         if any(p.seed is None for p in params) and _is_distributed():
             # Each rank drew its own seeds; all must sample the same tokens, so rank 0's win. Every rank

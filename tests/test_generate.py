@@ -152,6 +152,15 @@ def test_different_seeds_give_different_tokens(engine, greedy):
     assert tuple(greedy.tokens[:24]) not in runs
 
 
+def test_every_seed_the_server_accepts_is_its_own(engine):
+    """The handler takes seeds in [0, 2**63): seeds 2**62 apart drew the same tokens (62 bits were kept)."""
+    def tokens(seed: int) -> list[int]:
+        return generate_one(engine, PROMPT, SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed)).tokens
+
+    assert tokens(5) != tokens(5 + 2**62)
+    assert tokens(2**63 - 1) == tokens(2**63 - 1)
+
+
 def test_unseeded_sampling_draws_a_fresh_seed_each_call(engine):
     params = SamplingParams(max_new_tokens=24, temperature=1.0)
     runs = [generate_one(engine, PROMPT, params) for _ in range(3)]
