@@ -416,8 +416,32 @@ def load_model(checkpoint_path: str | Path, device: str | torch.device = "cpu",
     try:
         model.load_state_dict(state_dict, assign=True, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(
-            f"{checkpoint_path} does not match {checkpoint_path.parent / 'config.json'}: {error}") from error
+        raise CheckpointError(_mismatch(checkpoint_path, state_dict, model, error)) from error
     if transform is not None:
         model = transform(model)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _mismatch(checkpoint_path: Path, state_dict: dict[str, Tensor], model: Transformer, error: Exception) -> str:
+    """Why a state dict does not load, in one line (PyTorch's message names every key: hundreds for Mixtral)."""
+    if any(key.startswith(("model.layers.", "model.embed_tokens.")) for key in state_dict):
+        return (f"{checkpoint_path} is a Hugging Face checkpoint file, not one converted for this engine: run "
+                f"scripts/convert_hf_checkpoint.py --checkpoint-dir {checkpoint_path.parent} and pass the "
+                "model.pth it writes (or the model_int8.pth of scripts/quantize.py)")
+    expected = model.state_dict()
+
+    def examples(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    reshaped = sorted(key for key in set(expected) & set(state_dict) if expected[key].shape != state_dict[key].shape)
+    problems = [f"{len(names)} {what} ({examples(names)})"
+                for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    if reshaped:
+        key = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape (e.g. {key}: {list(state_dict[key].shape)} in the "
+                        f"checkpoint, {list(expected[key].shape)} for the config)")
+    details = "; ".join(problems) or str(error)
+    return (f"{checkpoint_path} does not match {checkpoint_path.parent / 'config.json'}: {details}; convert the "
+            "checkpoint again, or put the config.json it was converted with beside it")

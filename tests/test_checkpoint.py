@@ -425,3 +425,27 @@ def test_streamed_conversion_equals_a_naive_conversion(streamed_conversion, shar
     # config.json and tokenizer.model are placed beside the output.
     assert (output.parent / "tokenizer.model").read_bytes() == (sharded_source / "tokenizer.model").read_bytes()
     assert json.loads((output.parent / "config.json").read_text())["intermediate_size"] == 1024
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading what is not our checkpoint (as `python -m gpt_fast_mixtral.generate --checkpoint-path` does).
+
+
+def test_loading_an_unconverted_hugging_face_file_says_to_convert_it(tiny_checkpoint_dir):
+    with pytest.raises(CheckpointError) as raised:
+        load_model(tiny_checkpoint_dir / "model.safetensors", dtype=torch.float32)
+    message = str(raised.value)
+    # It listed every missing and every unexpected key: 700-odd names for Mixtral-8x7B.
+    assert "Hugging Face" in message and "scripts/convert_hf_checkpoint.py" in message
+    assert str(tiny_checkpoint_dir) in message
+    assert len(message) < 600 and len(message.splitlines()) == 1, message
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_is_summarised(tiny_converted_dir, tmp_path):
+    checkpoint = copy_of(tiny_converted_dir, tmp_path / "other") / "model.pth"
+    edit_config(checkpoint.parent, num_hidden_layers=1, hidden_size=32)
+    with pytest.raises(CheckpointError, match="does not match") as raised:
+        load_model(checkpoint, dtype=torch.float32)
+    message = str(raised.value)
+    assert "unexpected" in message and "layers.1." in message and "shape" in message
+    assert len(message.splitlines()) <= 4, message
