@@ -233,9 +233,16 @@ class Engine:
             raise GenerationError(f"token id {bad[0]} is outside the vocabulary")
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams],
+    def generate(self, prompts: str | Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                  on_text: TextCallback | None = None) -> list[GenerationResult]:
-        """Generate for every prompt in one batch; on_text(row, piece) streams text as it is final."""
+        """Generate for every prompt in one batch; on_text(row, piece) streams text as it is final.
+
+        A string is one prompt (not a sequence of one-character prompts); one SamplingParams serves every
+        prompt, as in vLLM."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
         if not 0 < len(prompts) <= self.max_batch_size or len(params) != len(prompts):
             raise GenerationError(
                 f"got {len(prompts)} prompts and {len(params)} settings; the engine takes 1 to "

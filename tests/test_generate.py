@@ -342,6 +342,17 @@ def test_empty_prompt_is_refused(engine):
         generate_one(engine, [], SamplingParams(max_new_tokens=4))
 
 
+def test_a_prompt_string_is_one_prompt_and_one_settings_object_serves_every_prompt(engine, greedy):
+    # A string was taken as a sequence of one-character prompts: "Hi" with two settings ran "H" and "i".
+    with pytest.raises(GenerationError, match="got 1 prompts and 2 settings"):
+        engine.generate("Hi", [SamplingParams(max_new_tokens=2)] * 2)
+    (alone,) = engine.generate(PROMPT, SamplingParams(max_new_tokens=8))
+    assert alone.tokens == greedy.tokens[:8]
+    both = engine.generate([PROMPT, "def f"], SamplingParams(max_new_tokens=6))
+    assert [r.tokens for r in both] == [r.tokens for r in engine.generate([PROMPT, "def f"],
+                                                                            [SamplingParams(max_new_tokens=6)] * 2)]
+
+
 def test_more_prompts_than_max_batch_size_are_refused(engine):
     with pytest.raises(GenerationError, match=f"1 to {MAX_BATCH} prompts"):
         engine.generate([PROMPT] * (MAX_BATCH + 1), [SamplingParams(max_new_tokens=2)] * (MAX_BATCH + 1))
