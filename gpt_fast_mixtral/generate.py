@@ -442,7 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ("terminate called without an active exception") in about one run of ten under gloo.
         leave_process_group()
     except (ValueError, OSError) as error:
-        return _report(error, rank, world_size)
+        # Every rank says what went wrong: a failure on one rank alone must not go unseen.
+        print(f"error: {f'rank {rank}: ' if world_size > 1 else ''}{error}", file=sys.stderr)
+        return 2
     if rank != 0:
         return 0
     if args.json:
@@ -456,12 +458,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{result.time_to_first_token_s * 1000:.1f} ms, {result.decode_tokens_per_s:.1f} tok/s]",
               file=sys.stderr)
     return 0
-
-
-def _report(error: Exception, rank: int, world_size: int) -> int:
-    # Every rank says what went wrong: a failure on one rank alone must not go unseen.
-    print(f"error: {f'rank {rank}: ' if world_size > 1 else ''}{error}", file=sys.stderr)
-    return 2
 
 
 def exit_rank(code: int) -> None:
