@@ -43,7 +43,7 @@ TextCallback = Callable[[int, str], None]
 class SamplingParams:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 is greedy
-    top_k: int | None = None
+    top_k: int | None = None  # None, 0 and -1 (vLLM's and transformers' spellings) mean no limit
     top_p: float | None = None
     seed: int | None = None  # None draws a fresh seed; any other integer is taken modulo 2**63
     stop: Sequence[str] = ()  # a single string is one stop string, as in vLLM and OpenAI's API
@@ -71,8 +71,9 @@ def check_sampling_params(params: SamplingParams) -> None:
     if not is_number(params.temperature) or params.temperature < 0:
         raise GenerationError(
             f"temperature must be a finite number >= 0 (0 is greedy), got {params.temperature!r}")
-    if params.top_k is not None and (not is_integer(params.top_k) or params.top_k < 1):
-        raise GenerationError(f"top_k must be an integer >= 1 or None, got {params.top_k!r}")
+    if params.top_k is not None and (not is_integer(params.top_k) or params.top_k < -1):
+        raise GenerationError(
+            f"top_k must be an integer >= 1, or 0, -1 or None for no limit, got {params.top_k!r}")
     if params.top_p is not None and (not is_number(params.top_p) or not 0 < params.top_p <= 1):
         raise GenerationError(f"top_p must be a number in (0, 1] or None, got {params.top_p!r}")
     if params.seed is not None and not is_integer(params.seed):
@@ -315,7 +316,8 @@ class Engine:
             dist.broadcast(seed, src=0)
         return SamplingTensors(
             temperature=tensor([p.temperature for p in params], torch.float32),
-            top_k=tensor([min(p.top_k or vocab, vocab) for p in params], torch.int64),
+            top_k=tensor([vocab if p.top_k is None or p.top_k < 1 else min(p.top_k, vocab) for p in params],
+                         torch.int64),
             top_p=tensor([1.0 if p.top_p is None else p.top_p for p in params], torch.float32),
             seed=seed,
         )
@@ -371,7 +373,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample among the k likeliest tokens; 0 or -1 mean no limit, as does leaving it out")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")

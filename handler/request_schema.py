@@ -140,7 +140,8 @@ def parse_request(body: object, *, default_max_new_tokens: int, default_stream: 
     temperature = _optional_number(fields, "temperature")
     if temperature is not None and temperature < 0:
         raise RequestError("temperature", f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    top_k = _optional_int(fields, "top_k", 1, None)
+    # 0 (transformers) and -1 (vLLM) mean no limit, as null does.
+    top_k = _optional_int(fields, "top_k", -1, None, span=">= 1, or 0 or -1 for no limit")
     top_p = _optional_number(fields, "top_p")
     if top_p is not None and not 0 < top_p <= 1:
         raise RequestError("top_p", f"top_p must be in (0, 1], got {top_p}")
@@ -228,14 +229,18 @@ def _json_type(value: object) -> str:
     return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
-def _optional_int(fields: dict[str, Any], name: str, low: int, high: int | None) -> int | None:
+def _optional_int(fields: dict[str, Any], name: str, low: int, high: int | None,
+                  span: str | None = None) -> int | None:
+    """The integer field `name` in [low, high] (no upper bound when high is None), or None when absent;
+    `span` says which values are allowed where "from low to high" would not say it all."""
     value = fields.get(name)
     if value is None:
         return None
     # JSON has one number type: 5.0 is accepted as 5, but 5.5 and true (a Python int) are not.
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    span = f"from {low} to {high}" if high is not None else f">= {low}"
+    if span is None:
+        span = f"from {low} to {high}" if high is not None else f">= {low}"
     if isinstance(value, _LongInteger):
         limit = "" if high is not None else f" of at most {sys.get_int_max_str_digits()} digits"
         raise RequestError(name, f"{name} must be an integer {span}{limit}, got {value!r}")

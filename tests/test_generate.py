@@ -161,6 +161,18 @@ def test_every_seed_the_server_accepts_is_its_own(engine):
     assert tokens(2**63 - 1) == tokens(2**63 - 1)
 
 
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_zero_or_minus_one_means_no_limit(engine, greedy, top_k):
+    """As in transformers (0) and vLLM (-1): the whole vocabulary, exactly as without a top_k."""
+    def tokens(top_k: int | None) -> list[int]:
+        params = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=top_k, seed=77)
+        return generate_one(engine, PROMPT, params).tokens
+
+    unlimited = tokens(None)
+    assert tokens(top_k) == unlimited
+    assert unlimited != greedy.tokens[:len(unlimited)] and unlimited != tokens(1)
+
+
 def test_unseeded_sampling_draws_a_fresh_seed_each_call(engine):
     params = SamplingParams(max_new_tokens=24, temperature=1.0)
     runs = [generate_one(engine, PROMPT, params) for _ in range(3)]
@@ -364,10 +376,10 @@ def test_more_prompts_than_max_batch_size_are_refused(engine):
     SamplingParams(max_new_tokens=4, temperature=-0.1),
     SamplingParams(max_new_tokens=4, temperature=0.8, top_p=0.0),
     SamplingParams(max_new_tokens=4, temperature=0.8, top_p=1.5),
-    SamplingParams(max_new_tokens=4, temperature=0.8, top_k=0),
+    SamplingParams(max_new_tokens=4, temperature=0.8, top_k=-2),
     SamplingParams(max_new_tokens=0),
     SamplingParams(max_new_tokens=4, stop=("",)),
-], ids=["negative_temperature", "top_p_zero", "top_p_above_one", "top_k_zero", "no_new_tokens", "empty_stop"])
+], ids=["negative_temperature", "top_p_zero", "top_p_above_one", "top_k_minus_two", "no_new_tokens", "empty_stop"])
 def test_bad_sampling_settings_are_refused(engine, params):
     with pytest.raises(GenerationError):
         generate_one(engine, PROMPT, params)
@@ -382,14 +394,21 @@ def test_bad_sampling_settings_are_refused(engine, params):
     (SamplingParams(max_new_tokens=5.5), "max_new_tokens"),
     (SamplingParams(max_new_tokens=True), "max_new_tokens"),
     (SamplingParams(max_new_tokens=4, temperature=0.8, top_k=2.5), "top_k"),
+    (SamplingParams(max_new_tokens=4, temperature=0.8, top_k=-2), "top_k"),
     (SamplingParams(max_new_tokens=4, temperature=0.8, seed=1.5), "seed"),
     (SamplingParams(max_new_tokens=4, stop=[7]), "stop"),
 ], ids=["nan_temperature", "inf_temperature", "bool_temperature", "str_temperature", "nan_top_p",
-        "fractional_max_new_tokens", "bool_max_new_tokens", "fractional_top_k", "fractional_seed", "int_stop"])
+        "fractional_max_new_tokens", "bool_max_new_tokens", "fractional_top_k", "negative_top_k", "fractional_seed",
+        "int_stop"])
 def test_settings_of_the_wrong_kind_are_refused_naming_the_setting_and_value(engine, params, field):
     """Not silently greedy (NaN temperature), rounded (5.5 tokens gave 6) or truncated (top_k 2.5 gave 2)."""
     with pytest.raises(GenerationError, match=rf"^{field} must .*got "):
         generate_one(engine, PROMPT, params)
+
+
+def test_a_refused_top_k_is_told_that_0_and_minus_1_mean_no_limit(engine):
+    with pytest.raises(GenerationError, match=r"^top_k must .*0, -1 or None for no limit, got -5$"):
+        generate_one(engine, PROMPT, SamplingParams(max_new_tokens=4, temperature=0.8, top_k=-5))
 
 
 def test_a_single_stop_string_is_one_stop_string_not_its_characters(engine, greedy):
@@ -510,7 +529,7 @@ def one_error_line(code: int, stdout: str, stderr: str) -> str:
     (("--temperature", "-1"), "temperature must be"),
     (("--temperature", "nan"), r"temperature must be a finite number >= 0 .*got nan"),
     (("--top-p", "0"), "top_p must be"),
-    (("--top-k", "0"), "top_k must be"),
+    (("--top-k", "-2"), "top_k must be an integer >= 1, or 0, -1 or None for no limit, got -2"),
     (("--stop", ""), "stop must be non-empty strings"),
     (("--max-new-tokens", "2000"), r"max_new_tokens is 2000: \d+ exceeds the context of 1024 tokens"),
     (("--max-new-tokens", "20", "--max-seq-len", "10"), "exceeds the context of 10 tokens"),
@@ -524,6 +543,18 @@ def test_cli_bad_arguments_are_reported_before_the_model_loads_and_before_any_ou
     line = one_error_line(*run_main(capsys, "--checkpoint-path", str(damaged_checkpoint), "--prompt", "Hello world",
                                     *args, *extra))
     assert re.search(message, line) and "cannot read" not in line
+
+
+def test_cli_top_k_zero_or_minus_one_samples_as_without_top_k(capsys, checkpoint):
+    def output(*extra: str) -> dict:
+        code, stdout, stderr = run_main(capsys, "--checkpoint-path", str(checkpoint), "--prompt", PROMPT,
+                                        "--max-new-tokens", "12", "--temperature", "1.0", "--seed", "9", "--json",
+                                        *extra)
+        assert code == 0, stderr
+        return json.loads(stdout)["tokens"]
+
+    unlimited = output()
+    assert output("--top-k", "0") == output("--top-k", "-1") == unlimited != output("--top-k", "1")
 
 
 @pytest.mark.parametrize("value", ["0", "-5"])

@@ -75,6 +75,14 @@ def test_each_request_of_a_batch_gets_its_own_answer(worker: Worker, engine: Eng
         assert response.text == expected(engine, request["prompt"], **settings), request
 
 
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_zero_or_minus_one_means_no_limit(worker: Worker, top_k: int) -> None:
+    """transformers' 0 and vLLM's -1: sampled from the whole vocabulary, as with a null top_k."""
+    body = {"prompt": "class Point:", "temperature": 1.0, "seed": 5, "max_new_tokens": 16}
+    unlimited = worker.answer({**body, "top_k": None})
+    assert worker.answer({**body, "top_k": top_k}) == unlimited != worker.answer({**body, "top_k": 1})
+
+
 def test_a_stop_string_ends_the_answer_before_it(worker: Worker, engine: Engine) -> None:
     full = expected(engine, "The capital of France", max_new_tokens=30)
     stop = full[len(full) // 2:len(full) // 2 + 3]
@@ -144,7 +152,7 @@ BAD_BODIES: list[tuple[str, Body, str | None, str]] = [
     ("temperature not a number", {"prompt": "x", "temperature": "hot"}, "temperature", "number"),
     ("top_p above 1", {"prompt": "x", "top_p": 1.5}, "top_p", "(0, 1]"),
     ("top_p zero", {"prompt": "x", "top_p": 0}, "top_p", "(0, 1]"),
-    ("top_k zero", {"prompt": "x", "top_k": 0}, "top_k", "integer"),
+    ("top_k below -1", {"prompt": "x", "top_k": -2}, "top_k", "integer >= 1, or 0 or -1 for no limit, got -2"),
     ("negative seed", {"prompt": "x", "seed": -1}, "seed", "integer"),
     ("stop not a list", {"prompt": "x", "stop": "###"}, "stop", "array"),
     ("empty stop string", {"prompt": "x", "stop": [""]}, "stop", "non-empty"),
