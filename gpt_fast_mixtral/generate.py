@@ -37,6 +37,7 @@ from gpt_fast_mixtral.tp import (
 )
 
 TextCallback = Callable[[int, str], None]
+SEED_LIMIT = 2**63  # seeds travel as int64 tensors: 0 <= seed < SEED_LIMIT
 
 
 @dataclass
@@ -45,7 +46,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 is greedy
     top_k: int | None = None  # None, 0 and -1 (vLLM's and transformers' spellings) mean no limit
     top_p: float | None = None
-    seed: int | None = None  # None draws a fresh seed; any other integer is taken modulo 2**63
+    seed: int | None = None  # None draws a fresh seed; otherwise 0 <= seed < 2**63 (SEED_LIMIT)
     stop: Sequence[str] = ()  # a single string is one stop string, as in vLLM and OpenAI's API
 
     def __post_init__(self) -> None:
@@ -76,8 +77,10 @@ def check_sampling_params(params: SamplingParams) -> None:
             f"top_k must be an integer >= 1, or 0, -1 or None for no limit, got {params.top_k!r}")
     if params.top_p is not None and (not is_number(params.top_p) or not 0 < params.top_p <= 1):
         raise GenerationError(f"top_p must be a number in (0, 1] or None, got {params.top_p!r}")
-    if params.seed is not None and not is_integer(params.seed):
-        raise GenerationError(f"seed must be an integer or None, got {params.seed!r}")
+    if params.seed is not None and (not is_integer(params.seed) or not 0 <= params.seed < SEED_LIMIT):
+        # Not folded into range: -1 and 2**63 - 1 drew the same tokens, as did 0 and 2**63.
+        raise GenerationError(f"seed must be an integer from 0 to {SEED_LIMIT - 1} (2**63 - 1) or None, "
+                              f"got {params.seed!r}")
     if any(not isinstance(stop, str) or not stop for stop in params.stop):
         raise GenerationError(f"stop must be non-empty strings, got {list(params.stop)!r}")
 
@@ -308,8 +311,7 @@ class Engine:
         def tensor(values: list, dtype: torch.dtype) -> Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
-        seed = tensor([random.getrandbits(63) if p.seed is None else p.seed & (2**63 - 1) for p in params],
-                      torch.int64)
+        seed = tensor([random.getrandbits(63) if p.seed is None else p.seed for p in params], torch.int64)
         if any(p.seed is None for p in params) and _is_distributed():
             # Each rank drew its own seeds; all must sample the same tokens, so rank 0's win. Every rank
             # runs the same requests, so every rank takes this branch together.
@@ -376,7 +378,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=None,
                         help="sample among the k likeliest tokens; 0 or -1 mean no limit, as does leaving it out")
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="an integer from 0 to 2**63 - 1; the same seed and settings give the same text "
+                             "(default: a fresh seed each run)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,

@@ -21,12 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gpt_fast_mixtral.generate import SamplingParams
+from gpt_fast_mixtral.generate import SEED_LIMIT, SamplingParams
 
 FIELDS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stream")
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-_SEED_LIMIT = 2**63  # seeds travel as int64 tensors
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,7 @@ def parse_request(body: object, *, default_max_new_tokens: int, default_stream: 
     top_p = _optional_number(fields, "top_p")
     if top_p is not None and not 0 < top_p <= 1:
         raise RequestError("top_p", f"top_p must be in (0, 1], got {top_p}")
-    seed = _optional_int(fields, "seed", 0, _SEED_LIMIT - 1)
+    seed = _optional_int(fields, "seed", 0, SEED_LIMIT - 1)
     stop = _stop_strings(fields.get("stop"))
     stream = fields.get("stream")
     if stream is not None and not isinstance(stream, bool):

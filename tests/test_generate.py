@@ -161,6 +161,18 @@ def test_every_seed_the_server_accepts_is_its_own(engine):
     assert tokens(2**63 - 1) == tokens(2**63 - 1)
 
 
+@pytest.mark.parametrize("seed", [-1, -2**63, 2**63, 2**64 + 5])
+def test_a_seed_outside_0_to_2_63_is_refused_not_folded_into_range(engine, seed):
+    """-1 drew the same tokens as 2**63 - 1, and 2**63 + 5 the same as 5: refused, naming the range."""
+    with pytest.raises(GenerationError, match=rf"^seed must be an integer from 0 to {2**63 - 1} .*got {seed}$"):
+        generate_one(engine, PROMPT, SamplingParams(max_new_tokens=4, temperature=1.0, seed=seed))
+
+
+def test_the_smallest_and_largest_seeds_are_accepted(engine):
+    for seed in (0, 2**63 - 1):
+        assert generate_one(engine, PROMPT, SamplingParams(max_new_tokens=4, temperature=1.0, seed=seed)).tokens
+
+
 @pytest.mark.parametrize("top_k", [0, -1])
 def test_top_k_zero_or_minus_one_means_no_limit(engine, greedy, top_k):
     """As in transformers (0) and vLLM (-1): the whole vocabulary, exactly as without a top_k."""
@@ -531,10 +543,13 @@ def one_error_line(code: int, stdout: str, stderr: str) -> str:
     (("--top-p", "0"), "top_p must be"),
     (("--top-k", "-2"), "top_k must be an integer >= 1, or 0, -1 or None for no limit, got -2"),
     (("--stop", ""), "stop must be non-empty strings"),
+    (("--seed", "-1"), rf"seed must be an integer from 0 to {2**63 - 1} .*got -1$"),
+    (("--seed", str(2**63)), rf"seed must be an integer from 0 to {2**63 - 1} .*got {2**63}$"),
     (("--max-new-tokens", "2000"), r"max_new_tokens is 2000: \d+ exceeds the context of 1024 tokens"),
     (("--max-new-tokens", "20", "--max-seq-len", "10"), "exceeds the context of 10 tokens"),
     (("--max-seq-len", "5000"), "--max-seq-len 5000 exceeds the model's context of 1024"),
-], ids=["max_new_tokens", "temperature", "nan_temperature", "top_p", "top_k", "empty_stop", "past_the_model",
+], ids=["max_new_tokens", "temperature", "nan_temperature", "top_p", "top_k", "empty_stop", "negative_seed",
+        "seed_past_63_bits", "past_the_model",
         "past_max_seq_len", "max_seq_len_past_the_model"])
 @pytest.mark.parametrize("output", ["text", "json"])
 def test_cli_bad_arguments_are_reported_before_the_model_loads_and_before_any_output(
