@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -368,6 +369,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# The escapes --stop decodes: \\, \n, \t, \r, and \uXXXX, two of which may make a UTF-16 surrogate pair.
+_STOP_ESCAPE = re.compile(r"\\(\\|n|t|r|u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|u[0-9a-fA-F]{4})")
+_SIMPLE_ESCAPES = {"\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
+
+
+def _stop_string(text: str) -> str:
+    """A --stop value with its escapes decoded, since a shell passes '\\n' as a backslash and an n. Any
+    other backslash stays as written, and so does every other character, non-ASCII ones included: the
+    string is not run through codecs' unicode_escape, which would read it as Latin-1."""
+
+    def decode(match: re.Match[str]) -> str:
+        escape = match.group(1)
+        if escape in _SIMPLE_ESCAPES:
+            return _SIMPLE_ESCAPES[escape]
+        if len(escape) > 5:  # \uD83D\uDE00: one character past the first 65536
+            high, low = int(escape[1:5], 16), int(escape[7:], 16)
+            return chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+        if 0xD800 <= (code := int(escape[1:], 16)) <= 0xDFFF:
+            raise argparse.ArgumentTypeError(
+                f"\\{escape} is half of a UTF-16 surrogate pair, not a character: write the character itself "
+                "or both halves (\\ud83d\\ude00 is U+1F600)")
+        return chr(code)
+
+    return _STOP_ESCAPE.sub(decode, text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generate text with a converted Mixtral checkpoint.")
     parser.add_argument("--checkpoint-path", type=Path, required=True,
@@ -381,7 +408,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None,
                         help="an integer from 0 to 2**63 - 1; the same seed and settings give the same text "
                              "(default: a fresh seed each run)")
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--stop", action="append", default=[], type=_stop_string,
+                        help="stop string (repeatable); the escapes \\n, \\t, \\r, \\\\ and \\uXXXX are "
+                             "decoded, so --stop '\\n' stops at a newline; any other backslash is kept as written")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="default: bfloat16 on cuda, float32 on cpu")

@@ -572,6 +572,54 @@ def test_cli_top_k_zero_or_minus_one_samples_as_without_top_k(capsys, checkpoint
     assert output("--top-k", "0") == output("--top-k", "-1") == unlimited != output("--top-k", "1")
 
 
+def stop_values(*values: str) -> list[str]:
+    """The stop strings the command line makes of these --stop values."""
+    from gpt_fast_mixtral.generate import _parser
+
+    args = ["--checkpoint-path", "model.pth", "--prompt", "Hi"]
+    for value in values:
+        args += ["--stop", value]
+    return _parser().parse_args(args).stop
+
+
+@pytest.mark.parametrize(("value", "stop"), [
+    (r"\n", "\n"),
+    (r"\n\n", "\n\n"),
+    (r"a\tb\rc", "a\tb\rc"),
+    (r"\\", "\\"),
+    (r"\\n", "\\n"),  # an escaped backslash, then a plain n
+    (r"\u00e9t\u00C9", "\u00e9t\u00c9"),
+    (r"\ud83d\ude00", "\U0001f600"),  # a surrogate pair, as JSON writes characters past U+FFFF
+    ("\\x41 \\q \\u12 \\U0001f600 \\N{BULLET} \\0 end\\", "\\x41 \\q \\u12 \\U0001f600 \\N{BULLET} \\0 end\\"),
+    ("\u00e9t\u00e9 \u20ac \U0001f600 \u4e2d\n", "\u00e9t\u00e9 \u20ac \U0001f600 \u4e2d\n"),  # as typed
+    ("caf\u00e9\\n", "caf\u00e9\n"),  # unicode_escape made the \u00e9 two characters
+], ids=["newline", "two_newlines", "tab_and_return", "backslash", "escaped_backslash", "bmp_escape",
+        "surrogate_pair", "other_escapes_kept", "non_ascii_kept", "non_ascii_beside_an_escape"])
+def test_cli_stop_decodes_the_common_backslash_escapes(value, stop):
+    assert stop_values(value) == [stop]
+
+
+def test_cli_stop_refuses_half_a_surrogate_pair(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        stop_values(r"a\ud83db")
+    assert exit_.value.code == 2
+    assert "argument --stop: \\ud83d is half of a UTF-16 surrogate pair" in capsys.readouterr().err
+
+
+def test_cli_stop_escapes_stop_generation_where_the_character_appears(capsys, checkpoint, engine, greedy):
+    """The stop string, every character written as \\uXXXX, cuts the CLI's text as the string itself
+    cuts the engine's."""
+    pieces = token_pieces(engine.tokenizer, greedy.tokens)
+    stop, _ = straddling_stop(pieces, len(pieces) // 2)
+    units = stop.encode("utf-16-be")
+    escaped = "".join(f"\\u{int.from_bytes(units[i:i + 2], 'big'):04x}" for i in range(0, len(units), 2))
+    code, stdout, stderr = run_main(capsys, "--checkpoint-path", str(checkpoint), "--prompt", PROMPT,
+                                    "--max-new-tokens", "48", "--stop", escaped, "--json")
+    assert code == 0, stderr
+    output = json.loads(stdout)
+    assert output["finish_reason"] == "stop" and output["text"] == greedy.text[:greedy.text.find(stop)]
+
+
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_cli_max_seq_len_must_be_a_positive_integer(capsys, checkpoint, value):
     code, stdout, stderr = run_main(capsys, "--checkpoint-path", str(checkpoint), "--prompt", "Hi",
