@@ -428,6 +428,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_text(text: str) -> None:
+    """Write the prompt or generated text to stdout at once. A character stdout's encoding lacks (under
+    PYTHONIOENCODING=ascii, on a Latin-1 terminal) is written as a backslash escape (\\u2713): printed as
+    it is, it raised UnicodeEncodeError partway through the answer."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding), end="", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -470,9 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         model = load_model(args.checkpoint_path, device=device, dtype=dtype, transform=transform)
         engine = Engine(model, tokenizer, max_seq_len=max_seq_len, compile=args.compile)
-        stream = None if args.json or rank != 0 else (lambda _row, piece: print(piece, end="", flush=True))
+        stream = None if args.json or rank != 0 else (lambda _row, piece: _print_text(piece))
         if stream:
-            print(args.prompt, end="", flush=True)
+            _print_text(args.prompt)
         result = engine.generate([prompt_tokens], [params], on_text=stream)[0]
         # Leave together: a rank tearing the group down while another still talks to it aborted
         # ("terminate called without an active exception") in about one run of ten under gloo.

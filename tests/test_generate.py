@@ -1,6 +1,7 @@
 """Engine.generate on the tiny checkpoint: batching never changes a row's tokens, sampling is seeded,
 stopping and streaming are exact, bad requests are refused; and the `python -m gpt_fast_mixtral.generate` CLI."""
 
+import io
 import json
 import os
 import re
@@ -492,6 +493,49 @@ def test_cli_seeded_sampling_prints_the_same_output_twice(checkpoint):
     keep = ("text", "prompt_tokens", "tokens", "finish_reason")  # timings differ between runs
     one, two = json.loads(out1), json.loads(out2)
     assert {k: one[k] for k in keep} == {k: two[k] for k in keep}
+
+
+NON_ASCII_PROMPT = "Caf\u00e9 \u2713 Hello"
+
+
+def test_cli_text_output_to_an_ascii_stdout_escapes_what_it_cannot_encode(checkpoint, engine):
+    """PYTHONIOENCODING=ascii: the prompt's \u00e9 raised UnicodeEncodeError as it was echoed."""
+    text = generate_one(engine, NON_ASCII_PROMPT, SamplingParams(max_new_tokens=8)).text
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt_fast_mixtral.generate", "--checkpoint-path", str(checkpoint), "--prompt",
+         NON_ASCII_PROMPT, "--max-new-tokens", "8"], cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONIOENCODING": "ascii"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr.decode(errors="replace")
+    assert stdout == (NON_ASCII_PROMPT + text + "\n").encode("ascii", "backslashreplace")
+    assert stdout.startswith(b"Caf\\xe9 \\u2713 Hello")
+
+
+def test_cli_text_output_keeps_what_a_latin_1_stdout_can_encode(capsys, checkpoint, engine, monkeypatch):
+    from gpt_fast_mixtral.generate import main
+
+    text = generate_one(engine, NON_ASCII_PROMPT, SamplingParams(max_new_tokens=8)).text
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="latin-1", write_through=True))
+    code = main(["--checkpoint-path", str(checkpoint), "--prompt", NON_ASCII_PROMPT, "--max-new-tokens", "8"])
+    assert code == 0, capsys.readouterr().err
+    assert raw.getvalue() == (NON_ASCII_PROMPT + text + "\n").encode("latin-1", "backslashreplace")
+    assert raw.getvalue().startswith("Caf\u00e9 \\u2713 Hello".encode("latin-1"))
+
+
+def test_cli_json_output_to_an_ascii_stdout_is_unchanged(capsys, checkpoint, monkeypatch):
+    from gpt_fast_mixtral.generate import main
+
+    args = ["--checkpoint-path", str(checkpoint), "--prompt", NON_ASCII_PROMPT, "--max-new-tokens", "8", "--json"]
+    assert main(args) == 0
+    expected = capsys.readouterr().out
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii", write_through=True))
+    assert main(args) == 0
+    got = json.loads(raw.getvalue().decode("ascii"))
+    keep = ("text", "prompt_tokens", "tokens", "finish_reason")
+    assert {k: got[k] for k in keep} == {k: json.loads(expected)[k] for k in keep}
 
 
 def test_cli_missing_checkpoint_exits_with_a_one_line_error(tmp_path):
