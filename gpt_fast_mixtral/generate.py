@@ -272,6 +272,7 @@ class Engine:
         # then discards that one extra token). On the CPU a step runs to its end when called, so there is
         # nothing to overlap: the tokens are read and streamed first.
         overlap = reader.overlaps
+        in_flight = 1 if overlap else 0  # when the next step is decided: this step's token, not yet taken
 
         def take(host_tokens: list[int]) -> bool:
             nonlocal first_token_time
@@ -288,7 +289,6 @@ class Engine:
             reader.start(next_tokens)
             if not overlap and take(reader.finish()):
                 break
-            in_flight = 1 if overlap else 0  # this step's token, not yet taken
             if any(row.finish_reason is None and len(row.tokens) + in_flight < row.params.max_new_tokens
                    for row in rows):
                 steps += 1
