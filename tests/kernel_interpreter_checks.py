@@ -258,7 +258,9 @@ def check_decode_attention() -> None:
             ((3, 6, 2, 100, 32, [1, 37, 100]), None, 64), ((3, 6, 2, 100, 32, [1, 37, 100]), 10, 16),
             ((2, 6, 3, 50, 12, [3, 50]), None, 16), ((2, 4, 4, 300, 64, [64, 299]), 70, 64),
             ((1, 8, 2, 600, 16, [600]), None, 256), ((2, 4, 2, 300, 16, [257, 33]), None, 256),
-            ((2, 4, 1, 300, 16, [290, 2]), 33, 16)]:
+            ((2, 4, 1, 300, 16, [290, 2]), 33, 16),
+            # 3 query heads a kv head (one padding head in the combine) and 25 chunks: two combining steps
+            ((1, 6, 2, 400, 16, [400]), None, 16)]:
         generator = torch.Generator().manual_seed(slots + head_dim)
         q = torch.randn(batch, heads, head_dim, generator=generator)
         k, v = (torch.randn(batch + 1, kv_heads, slots, head_dim, generator=generator) for _ in range(2))

@@ -106,7 +106,8 @@ if triton is not None:
             window, head_dim, stride_qb, stride_qh, stride_len, stride_kb, stride_kh, stride_ks, stride_ob,
             stride_oh, stride_pb, stride_ph, stride_count, stride_cos_p, stride_cos_d, stride_sin_p, stride_sin_d,
             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr,
-            SPLITS: tl.constexpr, MIN_CHUNK: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
+            SPLITS: tl.constexpr, BLOCK_GC: tl.constexpr, COMBINE: tl.constexpr, MIN_CHUNK: tl.constexpr,
+            SCALE: tl.constexpr, PRECISION: tl.constexpr,
             ROPE: tl.constexpr, PDL: tl.constexpr = False, RELEASE_AFTER_FIRST_TILE: tl.constexpr = False):
         """Program (row b, kv head, split): the GROUP query heads sharing the kv head attend to one chunk
         of the row's filled slots [start, length). The chunk length is chosen per row from its length
@@ -235,30 +236,62 @@ if triton is not None:
                     tl.store(counter, 0)  # ready for the next call
                     _combine(m_ptr + first, l_ptr + first, acc_ptr + first * (2 * BLOCK_HALF),
                              out_ptr + b * stride_ob + kv_head * GROUP * stride_oh, active, half, stride_ph,
-                             stride_oh, GROUP, BLOCK_HALF, SPLITS)
+                             stride_oh, GROUP, BLOCK_GC, BLOCK_HALF, COMBINE)
 
     @triton.jit
     def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, active, half, stride_ph, stride_oh, GROUP: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr, SPLITS: tl.constexpr):
+                 BLOCK_GC: tl.constexpr, BLOCK_HALF: tl.constexpr, CHUNK: tl.constexpr):
         """Merge the `active` partial softmaxes of each of the GROUP query heads (pointers at the group's
         first head) into out. The partials are read from L2 (".cg"): other programs wrote them during
-        this kernel."""
-        offs_split = tl.arange(0, SPLITS)
-        mask_split = offs_split < active
+        this kernel. The partials of CHUNK chunks of every head (BLOCK_GC >= GROUP) are loaded together
+        and merged online: `active` <= CHUNK takes one round trip to L2. A loop over the heads that
+        stored each head's output before loading the next head's partials made ~8 dependent round trips
+        (H200, Mixtral-8x7B: the attention's critical path at positions 300-1000 was 24 us a layer, 15 with
+        this and the same chunks; benchmarks/NOTES.md, session 29)."""
+        offs_g = tl.arange(0, BLOCK_GC)
+        mask_g = offs_g < GROUP
         offs_h = tl.arange(0, BLOCK_HALF)
-        for g in tl.static_range(GROUP):
-            row = g * stride_ph + offs_split
-            m = tl.load(m_ptr + row, mask=mask_split, other=float("-inf"), cache_modifier=".cg")
-            denom = tl.load(l_ptr + row, mask=mask_split, other=0.0, cache_modifier=".cg")
-            weight = tl.where(mask_split, tl.exp(m - tl.max(m, axis=0)), 0.0)
-            total = tl.sum(denom * weight, axis=0)
-            acc_rows = acc_ptr + row[:, None] * (2 * BLOCK_HALF) + offs_h[None, :]
-            for part in tl.static_range(2):
-                acc = tl.load(acc_rows + part * BLOCK_HALF, mask=mask_split[:, None], other=0.0,
-                              cache_modifier=".cg")
-                out = tl.sum(acc * weight[:, None], axis=0) / total
-                tl.store(out_ptr + g * stride_oh + part * half + offs_h, out.to(out_ptr.dtype.element_ty),
-                         mask=offs_h < half)
+        best = tl.full((BLOCK_GC,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((BLOCK_GC,), dtype=tl.float32)
+        out1 = tl.zeros((BLOCK_GC, BLOCK_HALF), dtype=tl.float32)
+        out2 = tl.zeros((BLOCK_GC, BLOCK_HALF), dtype=tl.float32)
+        for s0 in range(0, active, CHUNK):
+            offs_s = s0 + tl.arange(0, CHUNK)
+            mask = mask_g[:, None] & (offs_s < active)[None, :]
+            rows = offs_g[:, None] * stride_ph + offs_s[None, :]  # [GC, CHUNK] partial indices
+            m = tl.load(m_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+            denom = tl.load(l_ptr + rows, mask=mask, other=0.0, cache_modifier=".cg")
+            acc_rows = acc_ptr + rows[:, :, None] * (2 * BLOCK_HALF) + offs_h[None, None, :]
+            acc1 = tl.load(acc_rows, mask=mask[:, :, None], other=0.0, cache_modifier=".cg")
+            acc2 = tl.load(acc_rows + BLOCK_HALF, mask=mask[:, :, None], other=0.0, cache_modifier=".cg")
+            new_best = tl.maximum(best, tl.max(m, axis=1))
+            new_best = tl.where(mask_g, new_best, 0.0)  # padding heads: no NaN from -inf - -inf
+            alpha = tl.exp(best - new_best)
+            weight = tl.where(mask, tl.exp(m - new_best[:, None]), 0.0)
+            total = total * alpha + tl.sum(denom * weight, axis=1)
+            out1 = out1 * alpha[:, None] + tl.sum(acc1 * weight[:, :, None], axis=1)
+            out2 = out2 * alpha[:, None] + tl.sum(acc2 * weight[:, :, None], axis=1)
+            best = new_best
+        total = tl.where(mask_g, total, 1.0)
+        out_rows = out_ptr + offs_g[:, None] * stride_oh + offs_h[None, :]
+        out_mask = mask_g[:, None] & (offs_h < half)[None, :]
+        tl.store(out_rows, (out1 / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_rows + half, (out2 / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# How a row's filled slots are cut into chunks, one program each (per kv head): chunks of at least MIN_CHUNK
+# slots, at most TARGET_PROGRAMS / Hkv of them. One 64-slot tile after the first adds ~2.3 us to a program and
+# one combining step over 16 chunks ~2 us; 128 / 256 gave the fastest step at every position tried. H200,
+# int8 Mixtral-8x7B, pure decode step (tok/s at positions 105 / 300 / 1000 / 4000 / 8000): 274.9 / 266.7 /
+# 264.9 / 259.9 / 247.3 (the last by its chunks: 32 of 256, as 256 / 512 gives); 256 / 512: 275.2 / 256.3 /
+# 256.1 / 252.4 / 247.3; 64 / 512: 271.3 / 269.9 / 268.6 / 245.2 / 237.3; before the combine took all heads'
+# partials at once (256 / 512): 279.0 / 239.3 / 239.6 / 238.3 / 235.2 (benchmarks/NOTES.md, session 29).
+MIN_CHUNK = 128
+TARGET_PROGRAMS = 256
+
+# Chunks' partials the combining program loads at once (_combine): 16 chunks of 4 heads of 128 take 64 registers a
+# thread at 4 warps, less than the attention before it.
+COMBINE_SPLITS = 16
 
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window: int | None, n_heads: int,
@@ -296,7 +329,8 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window
         out.stride(0), out.stride(1), m.stride(0), m.stride(1), counters.stride(0),
         cos.stride(0), cos.stride(-1), sin.stride(0), sin.stride(-1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_S=block_s, BLOCK_HALF=block_half,
-        SPLITS=splits, MIN_CHUNK=min_chunk, SCALE=1.0 / math.sqrt(head_dim),
+        SPLITS=splits, BLOCK_GC=triton.next_power_of_2(group), COMBINE=min(COMBINE_SPLITS, splits),
+        MIN_CHUNK=min_chunk, SCALE=1.0 / math.sqrt(head_dim),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # bf16 operands ignore it
         ROPE=rope is not None, PDL=use_pdl, RELEASE_AFTER_FIRST_TILE=release_after_first_tile,
         num_warps=4, num_stages=2, **pdl.launch_options(use_pdl))
@@ -304,8 +338,8 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window: int | None = None,
-                     counters: Tensor | None = None, block_s: int = 64, target_programs: int = 512,
-                     min_chunk: int = 256) -> Tensor:
+                     counters: Tensor | None = None, block_s: int = 64, target_programs: int = TARGET_PROGRAMS,
+                     min_chunk: int = MIN_CHUNK) -> Tensor:
     """Softmax attention of q [B, Hq, D] over each row's first lengths[b] cache slots (the last `window`
     of them with a sliding window), k/v_cache [B', Hkv, S, D] (B' >= B); returns [B, Hq, D] in q's dtype.
 
@@ -318,8 +352,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tenso
 
 def rope_cache_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                          positions: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None = None,
-                         counters: Tensor | None = None, block_s: int = 64, target_programs: int = 512,
-                         min_chunk: int = 256, release_after_first_tile: bool = False) -> Tensor:
+                         counters: Tensor | None = None, block_s: int = 64, target_programs: int = TARGET_PROGRAMS,
+                         min_chunk: int = MIN_CHUNK, release_after_first_tile: bool = False) -> Tensor:
     """A decode step's attention in one kernel: rotate q and k of qkv [B, (Hq + 2 Hkv) * D] with row
     positions[b] of the rotary tables cos, sin [P, D / 2] (any strides; model.rope_tables' two halves), write
     k and v at positions [B] of k/v_cache [B', Hkv, S, D] (in place) and attend to each row's slots up to
