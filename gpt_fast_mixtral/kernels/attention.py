@@ -281,7 +281,8 @@ if triton is not None:
 
 # How a row's filled slots are cut into chunks, one program each (per kv head): chunks of at least MIN_CHUNK
 # slots, at most TARGET_PROGRAMS / Hkv of them. One 64-slot tile after the first adds ~2.3 us to a program and
-# one combining step over 16 chunks ~2 us; 128 / 256 gave the fastest step at every position tried. H200,
+# one combining step over 16 chunks ~2 us. 128 / 256 was fastest or within 1% at every position tried but
+# 300-1000, where 64 / 512 was 1-1.5% faster (and 1.3% slower at 105, 4-6% at 4000-8000). H200,
 # int8 Mixtral-8x7B, pure decode step (tok/s at positions 105 / 300 / 1000 / 4000 / 8000): 274.9 / 266.7 /
 # 264.9 / 259.9 / 247.3 (the last by its chunks: 32 of 256, as 256 / 512 gives); 256 / 512: 275.2 / 256.3 /
 # 256.1 / 252.4 / 247.3; 64 / 512: 271.3 / 269.9 / 268.6 / 245.2 / 237.3; before the combine took all heads'
