@@ -269,7 +269,8 @@ def check_decode_attention() -> None:
             k[b, :, length:] = float("nan")
             v[b, :, length:] = float("nan")
         counters = torch.zeros(batch, kv_heads, dtype=torch.int32)
-        got = attention.decode_attention(q, k, v, lengths_t, window, counters, block_s=16, min_chunk=min_chunk)
+        got = attention.decode_attention(q, k, v, lengths_t, window, counters, block_s=16, min_chunk=min_chunk,
+                                         single_span=0)
         expected = attention.reference_decode_attention(q, k[:batch], v[:batch], lengths_t, window)
         error = relative_error(got, expected)
         print(f"decode attention {lengths} window {window} chunks >= {min_chunk}: {error:.1e}")
@@ -282,7 +283,8 @@ def check_decode_attention() -> None:
         caches = [torch.randn(batch + 1, kv_heads, slots, head_dim, generator=generator) for _ in range(2)]
         expected_caches = [c.clone() for c in caches]
         got = attention.rope_cache_attention(qkv, table[..., 0], table[..., 1], *caches, positions, heads,
-                                             kv_heads, head_dim, window, block_s=16, min_chunk=min_chunk)
+                                             kv_heads, head_dim, window, block_s=16, min_chunk=min_chunk,
+                                             single_span=0)
         rotated_q = attention.reference_rope_and_cache_write(qkv, rope[..., 0], rope[..., 1], *expected_caches,
                                                              positions, heads, kv_heads, head_dim)
         expected = attention.reference_decode_attention(rotated_q, *(c[:batch] for c in expected_caches), lengths_t,
@@ -291,6 +293,22 @@ def check_decode_attention() -> None:
         print(f"rope, cache write and attention {lengths}: {error:.1e}")
         assert error < TOLERANCE and torch.allclose(caches[0], expected_caches[0], atol=1e-6)
         assert torch.equal(caches[1], expected_caches[1])
+
+    # A row of at most single_span slots (within its window) is one chunk, whatever min_chunk says: it never
+    # touches its counter, so a counter left at a stray value does not change its output (a chunked row's
+    # last program would never see its ticket and never write the output).
+    for lengths, window, single_span in (([40, 17], None, 40), ([90, 60], 40, 40), ([33, 1], None, 48)):
+        generator = torch.Generator().manual_seed(len(lengths) + lengths[0])
+        batch, heads, kv_heads, head_dim = len(lengths), 4, 2, 16
+        q = torch.randn(batch, heads, head_dim, generator=generator)
+        k, v = (torch.randn(batch, kv_heads, 100, head_dim, generator=generator) for _ in range(2))
+        lengths_t = torch.tensor(lengths)
+        counters = torch.full((batch, kv_heads), 7, dtype=torch.int32)
+        got = attention.decode_attention(q, k, v, lengths_t, window, counters, block_s=16, min_chunk=16,
+                                         single_span=single_span)
+        error = relative_error(got, attention.reference_decode_attention(q, k, v, lengths_t, window))
+        print(f"decode attention {lengths} window {window} one chunk up to {single_span} slots: {error:.1e}")
+        assert error < TOLERANCE and (counters == 7).all()
 
 
 def check_model_decode_step(rows: int = 2, experts: bool = False) -> None:

@@ -273,7 +273,7 @@ def test_decode_kernels_compile() -> None:
                                       ["*bf16", "*bf16", "*bf16", "*i64", "*bf16", "*fp32", "*fp32", "*fp32", "*i32",
                                        "*fp32", "*fp32"] + ["i32"] * 17,
                                       dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, BLOCK_HALF=64, SPLITS=32, BLOCK_GC=4,
-                                           COMBINE=16, MIN_CHUNK=128,
+                                           COMBINE=16, MIN_CHUNK=128, SINGLE_SPAN=192,
                                            SCALE=128 ** -0.5, PRECISION="tf32", ROPE=rope, PDL=rope,
                                            RELEASE_AFTER_FIRST_TILE=release_late), num_stages=2)
         if rope:

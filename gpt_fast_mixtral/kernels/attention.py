@@ -107,13 +107,15 @@ if triton is not None:
             stride_oh, stride_pb, stride_ph, stride_count, stride_cos_p, stride_cos_d, stride_sin_p, stride_sin_d,
             GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr,
             SPLITS: tl.constexpr, BLOCK_GC: tl.constexpr, COMBINE: tl.constexpr, MIN_CHUNK: tl.constexpr,
+            SINGLE_SPAN: tl.constexpr,
             SCALE: tl.constexpr, PRECISION: tl.constexpr,
             ROPE: tl.constexpr, PDL: tl.constexpr = False, RELEASE_AFTER_FIRST_TILE: tl.constexpr = False):
         """Program (row b, kv head, split): the GROUP query heads sharing the kv head attend to one chunk
         of the row's filled slots [start, length). The chunk length is chosen per row from its length
-        (>= MIN_CHUNK, at most SPLITS chunks), so a short row runs one program per kv head and writes its
-        output directly; otherwise every chunk writes a partial softmax (max, sum, weighted values) and
-        the last to finish (a per-(row, kv head) counter in count_ptr, left at 0) combines them.
+        (>= MIN_CHUNK, at most SPLITS chunks; a row of at most SINGLE_SPAN slots is one chunk), so a short
+        row runs one program per kv head and writes its output directly; otherwise every chunk writes a
+        partial softmax (max, sum, weighted values) and the last to finish (a per-(row, kv head) counter in
+        count_ptr, left at 0) combines them.
 
         Heads are handled as two halves of BLOCK_HALF columns (the rotary embedding's half-split layout).
         ROPE: q_ptr holds each row's qkv projection ([Hq + 2 Hkv] heads of head_dim); the query heads are
@@ -149,6 +151,7 @@ if triton is not None:
             start = tl.maximum(length - window, 0)
         span = length - start
         chunk = tl.maximum(tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_S) * BLOCK_S, MIN_CHUNK)
+        chunk = tl.where(span <= SINGLE_SPAN, tl.maximum(chunk, SINGLE_SPAN), chunk)
         active = tl.cdiv(span, chunk)
         if split < active:
             half = head_dim // 2
@@ -289,6 +292,12 @@ if triton is not None:
 # partials at once (256 / 512): 279.0 / 239.3 / 239.6 / 238.3 / 235.2 (benchmarks/NOTES.md, session 29).
 MIN_CHUNK = 128
 TARGET_PROGRAMS = 256
+# A row of at most SINGLE_SPAN slots is one chunk whatever MIN_CHUNK says: the last chunk's ticket and the
+# combine cost more than a third 64-slot tile (H200, int8 Mixtral-8x7B, pure decode step at positions 150 /
+# 180 / 200: 273.8 / 272.9 / 270.3 tok/s against 270.0 / 269.9 / 269.9 for two 128-slot chunks; 256 slots
+# 273.2 / 272.8 / 268.8; the benchmark's 200-token decode 277.8 / 277.6 against 275.8 / 276.5, one call,
+# benchmarks/NOTES.md, session 30).
+SINGLE_SPAN = 192
 
 # Chunks' partials the combining program loads at once (_combine): 16 chunks of 4 heads of 128 take 64 registers a
 # thread at 4 warps, less than the attention before it.
@@ -297,7 +306,7 @@ COMBINE_SPLITS = 16
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window: int | None, n_heads: int,
             head_dim: int, counters: Tensor | None, rope: tuple[Tensor, Tensor] | None, block_s: int,
-            target_programs: int, min_chunk: int, release_after_first_tile: bool = False) -> Tensor:
+            target_programs: int, min_chunk: int, single_span: int, release_after_first_tile: bool = False) -> Tensor:
     batch = q.shape[0]
     n_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     if n_heads % n_kv_heads or head_dim % 2:
@@ -331,7 +340,7 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window
         cos.stride(0), cos.stride(-1), sin.stride(0), sin.stride(-1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_S=block_s, BLOCK_HALF=block_half,
         SPLITS=splits, BLOCK_GC=triton.next_power_of_2(group), COMBINE=min(COMBINE_SPLITS, splits),
-        MIN_CHUNK=min_chunk, SCALE=1.0 / math.sqrt(head_dim),
+        MIN_CHUNK=min_chunk, SINGLE_SPAN=single_span, SCALE=1.0 / math.sqrt(head_dim),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # bf16 operands ignore it
         ROPE=rope is not None, PDL=use_pdl, RELEASE_AFTER_FIRST_TILE=release_after_first_tile,
         num_warps=4, num_stages=2, **pdl.launch_options(use_pdl))
@@ -340,21 +349,22 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window: int | None = None,
                      counters: Tensor | None = None, block_s: int = 64, target_programs: int = TARGET_PROGRAMS,
-                     min_chunk: int = MIN_CHUNK) -> Tensor:
+                     min_chunk: int = MIN_CHUNK, single_span: int = SINGLE_SPAN) -> Tensor:
     """Softmax attention of q [B, Hq, D] over each row's first lengths[b] cache slots (the last `window`
     of them with a sliding window), k/v_cache [B', Hkv, S, D] (B' >= B); returns [B, Hq, D] in q's dtype.
 
     counters: int32 [>= B, Hkv] zeros that the kernel uses and leaves at zero (a static buffer in a
     CUDA graph; allocated per call when None). A row is cut into chunks of >= min_chunk slots, at most
-    target_programs / Hkv of them."""
+    target_programs / Hkv of them; a row of at most single_span slots (within its window) is one chunk."""
     return _attend(q, k_cache, v_cache, lengths, window, q.shape[1], q.shape[2], counters, None, block_s,
-                   target_programs, min_chunk)
+                   target_programs, min_chunk, single_span)
 
 
 def rope_cache_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                          positions: Tensor, n_heads: int, n_kv_heads: int, head_dim: int, window: int | None = None,
                          counters: Tensor | None = None, block_s: int = 64, target_programs: int = TARGET_PROGRAMS,
-                         min_chunk: int = MIN_CHUNK, release_after_first_tile: bool = False) -> Tensor:
+                         min_chunk: int = MIN_CHUNK, single_span: int = SINGLE_SPAN,
+                         release_after_first_tile: bool = False) -> Tensor:
     """A decode step's attention in one kernel: rotate q and k of qkv [B, (Hq + 2 Hkv) * D] with row
     positions[b] of the rotary tables cos, sin [P, D / 2] (any strides; model.rope_tables' two halves), write
     k and v at positions [B] of k/v_cache [B', Hkv, S, D] (in place) and attend to each row's slots up to
@@ -375,25 +385,25 @@ def rope_cache_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
             counters = torch.zeros(qkv.shape[0], n_kv_heads, dtype=torch.int32, device=qkv.device)
         return torch.ops.gpt_fast_mixtral.rope_cache_attention(
             qkv, cos, sin, k_cache, v_cache, positions, counters, n_heads, head_dim, window or 0, block_s,
-            target_programs, min_chunk, release_after_first_tile)
+            target_programs, min_chunk, single_span, release_after_first_tile)
     return _attend(qkv, k_cache, v_cache, positions, window, n_heads, head_dim, counters, (cos, sin), block_s,
-                   target_programs, min_chunk, release_after_first_tile)
+                   target_programs, min_chunk, single_span, release_after_first_tile)
 
 
 @torch.library.custom_op("gpt_fast_mixtral::rope_cache_attention", mutates_args=("k_cache", "v_cache", "counters"))
 def _rope_cache_attention_op(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                              positions: Tensor, counters: Tensor, n_heads: int, head_dim: int, window: int,
-                             block_s: int, target_programs: int, min_chunk: int,
+                             block_s: int, target_programs: int, min_chunk: int, single_span: int,
                              release_after_first_tile: bool) -> Tensor:
     """rope_cache_attention launched by compiled code (kernels.pdl); window 0: none."""
     return _attend(qkv, k_cache, v_cache, positions, window or None, n_heads, head_dim, counters, (cos, sin),
-                   block_s, target_programs, min_chunk, release_after_first_tile)
+                   block_s, target_programs, min_chunk, single_span, release_after_first_tile)
 
 
 @_rope_cache_attention_op.register_fake
 def _(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, counters: Tensor,
       n_heads: int, head_dim: int, window: int, block_s: int, target_programs: int, min_chunk: int,
-      release_after_first_tile: bool) -> Tensor:
+      single_span: int, release_after_first_tile: bool) -> Tensor:
     return qkv.new_empty(qkv.shape[0], n_heads, head_dim)
 
 
