@@ -1,18 +1,14 @@
-"""Session 32 (copy of oracle_sweep_session31.py, RT switches of route_oracles_session32.patch). Session 31: timing oracles and attention variants at the benchmark's positions (h200_s31_oracles.log).
-Same measurement as chunk_policy_sweep_session30.py (GEN=n: n fresh 200-token decodes from the benchmark's
-5-token prompt; POS: pure steps at those positions, fresh). With oracles_session31.patch applied (applies to
-65b44ca), environment switches pick the variant: ATT_ORACLE=2 (the attention does nothing after its wait but
-release wo and store zeros), ATT_ORACLE=1 (no cached tile after the first), ATT_WARPS, WO_PRE (wo's tiles loaded
-before its wait), ATT_L1=n (the next n tiles' lines asked of L1 before the wait, the loop unpipelined),
-ATT_LOOPST (the tile loop's stages), GU_FIX=1 (gate_up reads experts 0 and 1, a buffer made here before any
-graph), GU_NOWAIT=1 (gate_up waits for the router only after its stores: a timing oracle, values wrong).
-Command: NAME=x GEN=3 POS=105 PYTHONPATH=. [switches] python3 benchmarks/results/oracle_sweep_session31.py"""
+"""Session 32: the router's oracles (h200_s32_route_oracles.log). The measurement of oracle_sweep_session31.py
+(GEN=n: n fresh 200-token decodes from the benchmark's 5-token prompt; POS: pure steps at those positions, fresh),
+with route_oracles_session32.patch applied (applies to 7e6e81b). The switch RT=1..6 picks the variant (the patch's
+header says what each does); this script makes the buffers the patch reads before any graph is captured: the
+fixed routing (model._RT_FIXED) and the routing programs' partials, ids and rows (linear._ROUTE_BUFS).
+Command: NAME=x RT=n GEN=3 POS=105 PYTHONPATH=. python3 benchmarks/results/oracle_sweep_session32.py"""
 import os, sys, statistics, time
 sys.path[:0] = ["scripts", "."]
 import torch
 import benchmark
 from gpt_fast_mixtral.kernels import attention as A
-from gpt_fast_mixtral.kernels import moe as _M
 from gpt_fast_mixtral import model as _model
 from gpt_fast_mixtral.kernels import linear as _L
 _dev = torch.device("cuda", 0)
