@@ -47,6 +47,7 @@ CONFIGS = {
 # reduction (its float32 partials cost as much as the weights at thousands of tokens).
 TILES = MoEConfig(gemv_max_slots=0, grouped_min_slots=1 << 62)  # the tile kernels, never the grouped ones
 GROUPED = MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_down_block_n=128)  # session 3's tiles
+FP16 = replace(GROUPED, grouped_int8_fp16=True, grouped_fp16_gate_up_block_n=128, grouped_fp16_gate_up_warps=8)
 PREFILL_CONFIGS = {
     "tiled": TILES,
     "pf_t64_i64_s1": replace(TILES, prefill_block_t=64, gate_up_block_i=64, gate_up_block_d=64, down_block_o=64,
@@ -72,20 +73,21 @@ PREFILL_CONFIGS = {
     "grouped_swap_64x256x64_w8": replace(GROUPED, grouped_swap_ab=True, grouped_block_m=64, grouped_block_n=256,
                                          grouped_down_block_n=256),
     "grouped_swap_128x128x64_s4": replace(GROUPED, grouped_swap_ab=True, grouped_stages=4),
-    # int8 weights x row-scaled float16 activations (session 5)
-    "grouped_fp16_128x256x64_down": replace(GROUPED, grouped_down_block_n=256, grouped_int8_fp16=True),
-    "grouped_fp16_128x128x64": replace(GROUPED, grouped_int8_fp16=True),
-    "grouped_fp16_128x256x64_down_s4": replace(GROUPED, grouped_down_block_n=256, grouped_int8_fp16=True,
-                                               grouped_stages=4),
-    "grouped_fp16_swap_128x128x64": replace(GROUPED, grouped_swap_ab=True, grouped_int8_fp16=True),
-    "grouped_fp16_swap_64x256x64": replace(GROUPED, grouped_swap_ab=True, grouped_int8_fp16=True,
-                                           grouped_block_m=64, grouped_block_n=256, grouped_down_block_n=256),
-    "grouped_fp16_128x64x64": replace(GROUPED, grouped_int8_fp16=True, grouped_block_n=64),
-    "grouped_fp16_128x64x64_w4": replace(GROUPED, grouped_int8_fp16=True, grouped_block_n=64, grouped_warps=4),
-    "grouped_fp16_128x128x64_s4": replace(GROUPED, grouped_int8_fp16=True, grouped_stages=4),
-    "grouped_fp16_64x128x64_w4": replace(GROUPED, grouped_int8_fp16=True, grouped_block_m=64, grouped_warps=4),
-    "grouped_fp16_128x128x32_s5": replace(GROUPED, grouped_int8_fp16=True, grouped_block_k=32, grouped_stages=5),
-    "grouped_fp16_128x128x64_down64": replace(GROUPED, grouped_int8_fp16=True, grouped_fp16_down_block_n=64),
+    # int8 weights x row-scaled float16 activations (session 5). Their gate_up tile has its own fields
+    # (grouped_fp16_gate_up_block_n / _warps): FP16 is session 5's 128 x 128, 8 warps; the default since
+    # session 34 is grouped_fp16_128x64x64_w4's gate_up (its down keeps 8 warps).
+    "grouped_fp16_128x256x64_down": replace(FP16, grouped_down_block_n=256),
+    "grouped_fp16_128x128x64": FP16,
+    "grouped_fp16_128x256x64_down_s4": replace(FP16, grouped_down_block_n=256, grouped_stages=4),
+    "grouped_fp16_swap_128x128x64": replace(FP16, grouped_swap_ab=True),
+    "grouped_fp16_swap_64x256x64": replace(FP16, grouped_swap_ab=True, grouped_block_m=64,
+                                           grouped_fp16_gate_up_block_n=256, grouped_down_block_n=256),
+    "grouped_fp16_128x64x64": replace(FP16, grouped_fp16_gate_up_block_n=64),
+    "grouped_fp16_128x64x64_w4": replace(FP16, grouped_fp16_gate_up_block_n=64, grouped_fp16_gate_up_warps=4),
+    "grouped_fp16_128x128x64_s4": replace(FP16, grouped_stages=4),
+    "grouped_fp16_64x128x64_w4": replace(FP16, grouped_block_m=64, grouped_warps=4, grouped_fp16_gate_up_warps=4),
+    "grouped_fp16_128x128x32_s5": replace(FP16, grouped_block_k=32, grouped_stages=5),
+    "grouped_fp16_128x128x64_down64": replace(FP16, grouped_fp16_down_block_n=64),
 }
 
 

@@ -151,7 +151,8 @@ def check_grouped_int8_fp16() -> None:
     """int8 experts through float16 grouped GEMMs (bfloat16 activations scaled per row, here of 1e6, which
     float16 could not hold unscaled) against the float32 reference of the same bfloat16 inputs."""
     config = moe.MoEConfig(gemv_max_slots=0, grouped_min_slots=0, grouped_int8_fp16=True, grouped_block_m=32,
-                           grouped_block_n=32, grouped_block_k=32, grouped_fp16_down_block_n=32)
+                           grouped_block_n=32, grouped_block_k=32, grouped_fp16_down_block_n=32,
+                           grouped_fp16_gate_up_block_n=32)
     for shape in [(3, 5, 3, 96, 200), (50, 8, 2, 64, 128)]:
         x, w1, w2, w3, weights, ids = moe_inputs(*shape, seed=sum(shape))
         x = (x * 1e6).to(torch.bfloat16)

@@ -835,6 +835,11 @@ class MoEConfig:
     # bfloat16 without conversion instructions): 4.22 ms per layer with 128-wide down tiles, against 4.53.
     grouped_int8_fp16: bool = True
     grouped_fp16_down_block_n: int = 128
+    # gate_up's tile on that path: 128 slots x 64 rows of w1 and of w3, 4 warps (one warpgroup). H200, 2048
+    # tokens, the kernel alone: 2.435 ms against 2.551 for 128 x 128 with 8 warps, the best of 96 tile /
+    # warp / stage / swap variants (benchmarks/results/h200_s34_grouped_tile_sweep.log).
+    grouped_fp16_gate_up_block_n: int = 64
+    grouped_fp16_gate_up_warps: int = 4
 
 
 DEFAULT_CONFIG = MoEConfig()
@@ -1208,15 +1213,17 @@ def _fused_moe_grouped(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_we
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # 16-bit operands ignore it
     fp16 = c.grouped_int8_fp16 and has_scales and x.dtype == torch.bfloat16
     x_scale = h_scale = y  # placeholders, never read without ROW_SCALE
+    gate_up_warps = c.grouped_warps
     if fp16:
         x, x_scale = rows_to_fp16(x)
+        block_n, gate_up_warps = c.grouped_fp16_gate_up_block_n, c.grouped_fp16_gate_up_warps
         down_block_n = c.grouped_fp16_down_block_n
     _grouped_gate_up_kernel[(num_m_tiles * triton.cdiv(inter, block_n),)](
         x, w1, w3, s1, s3, h, x_scale, slot_token, tile_expert, tile_row, tile_rows_end, num_experts, num_m_tiles,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
         HAS_SCALES=has_scales, PRECISION=precision, MAGIC=c.int8_magic, EVEN_K=dim % block_k == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_cols(block_k, w13_block), SWAP_AB=c.grouped_swap_ab,
-        ROW_SCALE=fp16, **_block_args(w13_block), num_warps=c.grouped_warps, num_stages=c.grouped_stages)
+        ROW_SCALE=fp16, **_block_args(w13_block), num_warps=gate_up_warps, num_stages=c.grouped_stages)
     if fp16:  # bfloat16 h rows -> scaled float16 rows, in place
         h, h_scale = rows_to_fp16(h, out=h.view(torch.float16))
     _grouped_down_kernel[(num_m_tiles * triton.cdiv(dim, down_block_n),)](
