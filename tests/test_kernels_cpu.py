@@ -93,12 +93,8 @@ def test_grouped_expert_kernels_compile_to_pipelined_tensor_core_code(kernel: st
     blocks = dict(BR=0, BC=0) if kernel == "gate_up" else {}
     if kernel == "gate_up" and weights == "i8" and even_k:  # int8 engines store w1 / w3 in blocks
         blocks = dict(zip(("BR", "BC"), INT8_W13_BLOCK, strict=True))
-    # the tiles _fused_moe_grouped launches: the float16 path (int8 x row-scaled float16) has its own
-    block_n, warps = (config.grouped_block_n, config.grouped_warps) if kernel == "gate_up" else \
-        (config.grouped_down_block_n, config.grouped_warps)
-    if act == "fp16":
-        block_n, warps = (config.grouped_fp16_gate_up_block_n, config.grouped_fp16_gate_up_warps) \
-            if kernel == "gate_up" else (config.grouped_fp16_down_block_n, config.grouped_warps)
+    gate_up_block_n, gate_up_warps, down_block_n = moe.grouped_tiles(config, fp16=act == "fp16")  # as launched
+    block_n, warps = (gate_up_block_n, gate_up_warps) if kernel == "gate_up" else (down_block_n, config.grouped_warps)
     compiled = compile_for_hopper(
         fn, GROUPED_TYPES[kernel](weights, act),
         dict(HAS_SCALES=weights == "i8", PRECISION="tf32", MAGIC=config.int8_magic, EVEN_K=even_k,

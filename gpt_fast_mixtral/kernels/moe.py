@@ -1198,8 +1198,10 @@ def _fused_moe_grouped(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_we
     num_experts, inter, _ = w1.shape
     slots = num_tokens * top_k
     out_dtype = x.dtype
-    block_m, block_n, block_k, down_block_n = c.grouped_block_m, c.grouped_block_n, c.grouped_block_k, \
-        c.grouped_down_block_n
+    has_scales = scales is not None
+    fp16 = c.grouped_int8_fp16 and has_scales and x.dtype == torch.bfloat16
+    block_m, block_k = c.grouped_block_m, c.grouped_block_k
+    block_n, gate_up_warps, down_block_n = grouped_tiles(c, fp16)
     if x.element_size() == 4:  # float32 tiles of the bf16 sizes would not fit in shared memory
         block_m, block_n, block_k, down_block_n = block_m // 2, block_n // 2, block_k // 2, down_block_n // 2
     order, _, _, slot_token, tile_expert, tile_row, tile_rows_end = group_slots(expert_ids, num_experts, top_k,
@@ -1208,16 +1210,11 @@ def _fused_moe_grouped(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_we
 
     h = torch.empty(slots, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(slots, dim, dtype=torch.float32, device=x.device)
-    has_scales = scales is not None
     s1, s2, s3 = scales if has_scales else (w1, w2, w3)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # 16-bit operands ignore it
-    fp16 = c.grouped_int8_fp16 and has_scales and x.dtype == torch.bfloat16
     x_scale = h_scale = y  # placeholders, never read without ROW_SCALE
-    gate_up_warps = c.grouped_warps
     if fp16:
         x, x_scale = rows_to_fp16(x)
-        block_n, gate_up_warps = c.grouped_fp16_gate_up_block_n, c.grouped_fp16_gate_up_warps
-        down_block_n = c.grouped_fp16_down_block_n
     _grouped_gate_up_kernel[(num_m_tiles * triton.cdiv(inter, block_n),)](
         x, w1, w3, s1, s3, h, x_scale, slot_token, tile_expert, tile_row, tile_rows_end, num_experts, num_m_tiles,
         dim, inter, x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0) if has_scales else 0, h.stride(0),
@@ -1237,6 +1234,15 @@ def _fused_moe_grouped(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_we
     _sum_slots_kernel[(num_tokens, triton.cdiv(dim, 1024))](y, expert_ids, out, dim, y.stride(0), out.stride(0),
                                                            TOP_K=top_k, BLOCK=1024, num_warps=4)
     return out
+
+
+def grouped_tiles(c: MoEConfig, fp16: bool) -> tuple[int, int, int]:
+    """(gate_up's BLOCK_N, gate_up's warps, down's BLOCK_N) of the grouped GEMMs for 16-bit activations; fp16:
+    the float16 path's own (int8 experts, activations scaled per row into float16). Both kernels take
+    grouped_block_m / _k / _stages, and down grouped_warps."""
+    if fp16:
+        return c.grouped_fp16_gate_up_block_n, c.grouped_fp16_gate_up_warps, c.grouped_fp16_down_block_n
+    return c.grouped_block_n, c.grouped_warps, c.grouped_down_block_n
 
 
 def check_block(shape: tuple[int, ...], block: tuple[int, int]) -> None:
