@@ -14,6 +14,7 @@ import random
 import re
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -153,29 +154,61 @@ class _Row:
         return held
 
 
-class _TokenReader:
-    """Copies a step's tokens to the host without waiting for work queued after the copy."""
+class _StepStates:
+    """Each row's state between decode steps, [2, B] int64 (its latest token, then the position that token
+    goes to), and the tokens' way to the host.
 
-    def __init__(self, like: Tensor) -> None:
-        self._cuda = like.is_cuda
-        self.overlaps = self._cuda  # whether work queued after start() runs while finish() waits
-        if self._cuda:
-            self._host = torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
-            self._done = torch.cuda.Event()
-        self._tokens: Tensor | None = None
+    On a GPU the decode step's outputs live in its CUDA graph's memory until the next step, so put() copies
+    each step's state into one of two device buffers (used in turn), which the next step reads; a side
+    stream then copies it to pinned host memory while the main stream goes on with the next step, and
+    finish() waits for the oldest copy only. The positions advance and the clamp is taken inside the step,
+    so between two steps' graphs the main stream runs that one copy and the graph's own input copy. The loop
+    before ran a token clone, two position kernels and the host copy there: from the argmax's end to the
+    next step's first kernel 22.8 us against 9.2 now (H200, int8 Mixtral-8x7B batch 1: 278.5 against 277.0
+    tok/s in one call; the host copy on the main stream instead: 277.2; benchmarks/NOTES.md, session 35).
+    On the CPU a step has run when its call returns: put() keeps the state and finish() reads it."""
 
-    def start(self, tokens: Tensor) -> None:
-        if self._cuda:
-            self._host.copy_(tokens, non_blocking=True)
-            self._done.record()
-        else:
-            self._tokens = tokens
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.overlaps = device.type == "cuda"  # whether the next step runs while finish() waits
+        self._pending: deque[Tensor | int] = deque()
+        if self.overlaps:
+            self._states = torch.empty(2, 2, batch, dtype=torch.int64, device=device)
+            self._host = torch.empty(2, 2, batch, dtype=torch.int64, pin_memory=True)
+            self._stream = torch.cuda.Stream(device)
+            # freed with this object while a copy may still read it (the last step's, never waited for)
+            self._states.record_stream(self._stream)
+            self._ready = torch.cuda.Event()
+            self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+            self._turn = 0
+
+    def put(self, state: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """Take a step's state [2, B] (with its tokens replaced by `tokens` [B] when given, e.g. sampled);
+        start the tokens' copy to the host; return the state where it outlives the next step."""
+        if not self.overlaps:
+            if tokens is not None:
+                state = torch.stack([tokens, state[1]])
+            self._pending.append(state)
+            return state
+        turn, self._turn = self._turn, 1 - self._turn
+        kept = self._states[turn]
+        kept.copy_(state)
+        if tokens is not None:
+            kept[0].copy_(tokens)
+        self._ready.record()
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(self._ready)
+            self._host[turn].copy_(kept, non_blocking=True)
+            self._copied[turn].record(self._stream)
+        self._pending.append(turn)
+        return kept
 
     def finish(self) -> list[int]:
-        if self._cuda:
-            self._done.synchronize()
-            return self._host.tolist()
-        return self._tokens.tolist()
+        """The tokens of the oldest state put and not yet finished (at most two are in flight)."""
+        item = self._pending.popleft()
+        if isinstance(item, Tensor):
+            return item[0].tolist()
+        self._copied[item].synchronize()
+        return self._host[item, 0].tolist()
 
 
 def check_context(prompt_length: int, max_new_tokens: int, max_seq_len: int) -> None:
@@ -263,15 +296,14 @@ class Engine:
 
         logits = self._prefill(prompt_tokens, lengths)
         steps = torch.zeros(len(rows), dtype=torch.int64, device=self.device)
-        next_tokens = sample(logits, settings, steps)
         first_token_time: float | None = None
-        positions = lengths.clone()
-        reader = _TokenReader(next_tokens)
-        # On a GPU, the copy of this step's tokens is queued, then the next step, then the host waits for the
-        # copy only: it streams text and checks stops while the GPU computes the next token (a row that stops
-        # then discards that one extra token). On the CPU a step runs to its end when called, so there is
-        # nothing to overlap: the tokens are read and streamed first.
-        overlap = reader.overlaps
+        states = _StepStates(len(rows), self.device)
+        state = states.put(torch.stack([sample(logits, settings, steps), lengths]))
+        # On a GPU the next step is queued before the host waits for this step's tokens: it streams text
+        # and checks stops while the GPU computes the next token (a row that stops then discards that one
+        # extra token). On the CPU a step runs to its end when called, so there is nothing to overlap: the
+        # tokens are read and streamed first.
+        overlap = states.overlaps
         in_flight = 1 if overlap else 0  # when the next step is decided: this step's token, not yet taken
 
         def take(host_tokens: list[int]) -> bool:
@@ -286,20 +318,18 @@ class Engine:
             return all(row.finish_reason for row in rows)
 
         while True:
-            reader.start(next_tokens)
-            if not overlap and take(reader.finish()):
+            if not overlap and take(states.finish()):
                 break
             if any(row.finish_reason is None and len(row.tokens) + in_flight < row.params.max_new_tokens
                    for row in rows):
-                steps += 1
-                input_pos = positions.clamp(max=self.max_seq_len - 1)[:, None]
-                # The compiled step's outputs live in its CUDA graph's memory until the next step:
-                # cloned (greedy) or consumed at once (sampling).
-                argmax, step_logits = self._decode(next_tokens[:, None], input_pos)
-                next_tokens = argmax.clone() if greedy else sample(step_logits, settings, steps)
-                del argmax, step_logits
-                positions += 1
-            if overlap and take(reader.finish()):
+                next_state, step_logits = self._decode(state[0], state[1])
+                sampled = None
+                if not greedy:
+                    steps += 1
+                    sampled = sample(step_logits, settings, steps)
+                state = states.put(next_state, sampled)
+                del next_state, step_logits  # the step's CUDA graph memory: not read after the next step
+            if overlap and take(states.finish()):
                 break
         end = time.perf_counter()
         return [GenerationResult(row.text, tokens, row.tokens, row.finish_reason or "length",
@@ -343,10 +373,16 @@ class Engine:
             logits = torch.where(in_chunk[:, None], chunk_logits.float(), logits)
         return logits
 
-    def _step(self, tokens: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """One decode step: the greedy tokens [B] and the float32 logits [B, V] (for sampling)."""
-        logits = self.model(tokens, input_pos)[:, -1].float()
-        return logits.argmax(dim=-1), logits
+    def _step(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """One decode step of each row's latest token [B] at its position [B]: the next state [2, B] (the
+        greedy token and the position it goes to, clamped to the cache: a row that has stopped may run on
+        past it) and the logits [B, V] in the model's dtype (for sampling).
+        The positions reach the model as given (a graph input): clamped inside the step, they were copied
+        into a buffer of their own for every layer's attention kernel, 32 more kernels a Mixtral step that
+        also broke its chain of programmatic dependent launches (H200: 269.8 against 276.6 tok/s, session 35)."""
+        logits = self.model(tokens[:, None], positions[:, None])[:, -1]
+        next_positions = (positions + 1).clamp(max=self.max_seq_len - 1)
+        return torch.stack([logits.argmax(dim=-1), next_positions]), logits
 
 
 def _is_distributed() -> bool:
