@@ -225,7 +225,9 @@ def test_of_several_stop_strings_the_first_to_appear_wins(engine, greedy):
     first = greedy.text.find(early)
     # a later straddling stop that does not also occur before `early` (repetitive text can hold one there:
     # the GPU's greedy text of this model did)
-    late = next(stop for stop, _ in straddling_stops(pieces, early_token + 8) if greedy.text.find(stop) > first)
+    late = next((stop for stop, _ in straddling_stops(pieces, early_token + 8) if greedy.text.find(stop) > first),
+                None)
+    assert late is not None, "no later stop string first appearing after the early one: the tiny model's output changed"
     for stops in ([late, early], [early, late]):
         result = generate_one(engine, PROMPT, SamplingParams(max_new_tokens=48, stop=stops))
         assert result.finish_reason == "stop"
