@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from gpt_fast_mixtral import model as model_module  # noqa: E402
 from gpt_fast_mixtral.config import ModelArgs  # noqa: E402
-from gpt_fast_mixtral.kernels import allreduce, attention, linear, moe, pdl, router  # noqa: E402
+from gpt_fast_mixtral.kernels import allreduce, argmax, attention, linear, moe, pdl, router  # noqa: E402
 from gpt_fast_mixtral.quantize import quantize_per_channel  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -129,6 +129,36 @@ def check_block_end() -> None:
         assert torch.allclose(normed, model_module.rms_norm(out, norm_weight, 1e-6), rtol=1e-5, atol=1e-5)
         assert torch.allclose(moe.block_end(partials, 2, torch.float32), summed, rtol=1e-5, atol=1e-5)
         print(f"block end of {dim} columns: equal")
+
+
+def greedy_state_cases(generator: torch.Generator) -> list[tuple[str, torch.Tensor]]:
+    """Logits [B, V] with what torch.argmax decides specially: ties (the first index wins), NaNs (the first
+    NaN wins), rows of -inf, a largest value in the last column, vocabularies not a multiple of a block."""
+    cases = []
+    for vocab in (1, 7, 300, 20000):
+        logits = torch.randn(4, vocab, generator=generator)
+        logits[1] = 0.5  # a tie of every column
+        logits[2] = float("-inf")
+        logits[3, -1] = 100.0
+        cases.append((f"{vocab} columns", logits))
+    nan = torch.randn(3, 20000, generator=generator)
+    nan[0, 17000] = float("nan")
+    nan[1, [5, 16390]] = float("nan")
+    nan[2, [16390, 3]] = float("inf")  # a tie at +inf across the two passes
+    cases.append(("NaN and inf", nan))
+    return cases
+
+
+def check_greedy_state() -> None:
+    """kernels.argmax.greedy_state against torch.argmax and the clamped increment, float32 and bfloat16."""
+    generator = torch.Generator().manual_seed(11)
+    for name, logits in greedy_state_cases(generator):
+        positions = torch.arange(logits.shape[0], dtype=torch.int64) * 5 + 3
+        for dtype in (torch.float32, torch.bfloat16):
+            rows = logits.to(dtype)
+            got = argmax._greedy_state(rows, positions, 8)
+            assert torch.equal(got, argmax.reference_greedy_state(rows, positions, 8)), (name, dtype, got)
+        print(f"greedy state {name}: equal")
 
 
 def check_rows_to_fp16() -> None:
@@ -462,6 +492,7 @@ def check_pdl_paths() -> None:
         check_router()
         check_decode_attention()
         check_block_end()
+        check_greedy_state()
         check_model_decode_step(rows=1, experts=True)  # the block ends in the MoE's kernels
     finally:
         pdl.active = active
@@ -489,6 +520,7 @@ def main() -> None:
     check_moe("gemv pipelined", moe.MoEConfig(gemv_stages=3, **gemv), [(3, 5, 3, 96, 200)], block=(4, 32))
     check_half2_gate_up()
     check_block_end()
+    check_greedy_state()
     check_rows_to_fp16()
     check_grouped_int8_fp16()
     check_int8_linear()

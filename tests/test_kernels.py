@@ -460,3 +460,41 @@ def test_model_decode_with_the_fused_rope_and_cache_write_equals_the_plain_step(
                 Attention.fused_rope_cache = default
             logits[fused] = torch.cat(steps, dim=1)
     assert relative_error(logits[True], logits[False].float()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,vocab", [(1, 32000), (3, 7), (5, 16385), (2, 40000)])
+def test_greedy_state_equals_torch_argmax_and_clamped_positions(batch, vocab, dtype):
+    from gpt_fast_mixtral.kernels.argmax import greedy_state, reference_greedy_state
+
+    generator = torch.Generator(device="cuda").manual_seed(vocab)
+    logits = torch.randn(batch, vocab, device="cuda", generator=generator).to(dtype)
+    logits[0, vocab // 2:] = logits[0].max()  # a tie: the first index of the largest wins
+    if batch > 1:
+        logits[1] = float("-inf")
+    if batch > 2:
+        logits[2, [vocab - 1, vocab // 3]] = float("nan")  # the first NaN wins
+    positions = torch.arange(batch, device="cuda", dtype=torch.int64) * 3 + 4
+    expected = reference_greedy_state(logits, positions, 6)
+    assert torch.equal(greedy_state(logits, positions, 6), expected)
+    wide = torch.empty(batch, vocab + 5, device="cuda", dtype=dtype)[:, :vocab]  # rows with a stride
+    wide.copy_(logits)
+    assert torch.equal(greedy_state(wide, positions, 6), expected)
+
+
+def test_greedy_state_in_a_compiled_cuda_graph_step_equals_eager():
+    from gpt_fast_mixtral.kernels.argmax import greedy_state, reference_greedy_state
+
+    weight = torch.randn(3000, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step(x, positions):
+        logits = linear(x, weight)[None]  # the kernels' chain as a decode step ends it
+        return greedy_state(logits, positions, 9), logits
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for position in (3, 8, 9):
+        x = torch.randn(64, device="cuda", dtype=torch.bfloat16)
+        positions = torch.tensor([position], device="cuda")
+        state, logits = compiled(x, positions)
+        assert torch.equal(state, reference_greedy_state(logits, positions, 9))
+        assert torch.equal(state[1], torch.tensor([min(position + 1, 9)], device="cuda"))

@@ -25,7 +25,7 @@ import torch
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 triton = pytest.importorskip("triton")
 
-from gpt_fast_mixtral.kernels import allreduce, attention, linear, moe, router  # noqa: E402
+from gpt_fast_mixtral.kernels import allreduce, argmax, attention, linear, moe, router  # noqa: E402
 from gpt_fast_mixtral.quantize import INT8_W13_BLOCK  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -258,6 +258,17 @@ def test_one_token_linear_loads_its_first_tiles_before_the_pdl_wait(tiles: int) 
     assert before.count("ld.global.v4.b32") + before.count("ld.global.nc.v4.b32") == tiles * 2
     assert "fma" not in before
     assert_wide_weight_loads(ptx, stages)
+
+
+def test_greedy_state_kernel_compiles_with_the_position_read_before_the_wait() -> None:
+    compiled = compile_for_hopper(argmax._greedy_state_kernel, ["*bf16", "*i64", "*i64", "i32", "i32", "i32", "i32"],
+                                  dict(BLOCK_V=16384, PDL=True), num_warps=16)
+    ptx = compiled.asm["ptx"]
+    assert_pdl(ptx)
+    wait = ptx.index("griddepcontrol.wait")
+    # the row's position (a step input) before the wait, every logit after it
+    assert ptx[:wait].count("ld.global") == 1 and ptx.index("griddepcontrol.launch_dependents") < wait
+    assert ptx[wait:].count("ld.global") >= 1
 
 
 def test_decode_kernels_compile() -> None:

@@ -72,6 +72,23 @@ def compiled_launch(x: Tensor) -> bool:
     return torch.compiler.is_compiling() and active(x)
 
 
+def register_inductor_fallback(op) -> None:
+    """Give Inductor the fallback lowering of a custom op (OpOverload) before it meets the op in a graph,
+    as it would make on meeting it. Inductor of torch 2.11 formats the op's arguments for a log line when it
+    first meets it, whether logged or not: for an op at the end of a decode step that string spells out the
+    whole step's IR, each custom op's inputs again through every path to them, and took longer than any
+    compile (benchmarks/NOTES.md, session 36). Newer versions format it lazily. Does nothing where the
+    private lowering API is missing."""
+    try:
+        from torch._inductor.lowering import lowerings, make_fallback, tag_to_layout_constraint
+        from torch._library.utils import get_layout_constraint_tag
+    except ImportError:
+        return
+    if op not in lowerings:
+        make_fallback(op, layout_constraint=tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True)),
+                      warn=False)
+
+
 def launch_options(use: bool) -> dict:
     """Extra launch keywords: `launch_pdl` only when used on a GPU (older Tritons and the interpreter lack
     it; the interpreter checks run the PDL kernels' code with the GPU instructions left out)."""
