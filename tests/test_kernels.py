@@ -482,7 +482,7 @@ def test_greedy_state_equals_torch_argmax_and_clamped_positions(batch, vocab, dt
     assert torch.equal(greedy_state(wide, positions, 6), expected)
 
 
-def test_greedy_state_in_a_compiled_cuda_graph_step_equals_eager():
+def test_greedy_state_in_a_compiled_cuda_graph_step_equals_torch():
     from gpt_fast_mixtral.kernels.argmax import greedy_state, reference_greedy_state
 
     weight = torch.randn(3000, 64, device="cuda", dtype=torch.bfloat16)
