@@ -7,6 +7,7 @@ defined). Float32 only: the interpreter's bfloat16 dots are not exact. Prints on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -248,6 +249,19 @@ def check_int8_linear() -> None:
         print(f"int8 linear ({rows}, {n}, {k}, programs {config.gemv_programs}, stages {config.gemv_stages}, "
               f"deferred {config.gemv_pipelined_defer}, preloaded rows {config.gemv_preload_rows}): {error:.1e}")
         assert error < TOLERANCE
+    # the preloading kernel on tensor cores (PRELOAD_CONFIG with 16-bit x): one slice, 2 and 4 slices with a
+    # masked last chunk and rows not a multiple of 16, narrow slices (8 of 128 columns); float16 (the
+    # interpreter's bfloat16 dots are not exact), so the bound is float16's rounding of y
+    narrow = dataclasses.replace(linear.PRELOAD_CONFIG, gemv_preload_mma_slice=128, gemv_preload_mma_block_k=64)
+    for n, k, config in [(40, 100, linear.PRELOAD_CONFIG), (37, 3000, linear.PRELOAD_CONFIG),
+                         (50, 2048, linear.PRELOAD_CONFIG), (33, 1000, narrow)]:
+        generator = torch.Generator().manual_seed(n + k)
+        weight, scales = quantize_per_channel(torch.randn(n, k, generator=generator))
+        x = torch.randn(1, k, generator=generator).to(torch.float16)
+        got = linear.int8_linear(x, weight, scales, config)
+        error = relative_error(got, linear.reference_int8_linear(x, weight, scales))
+        print(f"int8 linear on tensor cores (1, {n}, {k}, plan {linear.preload_mma_plan(k, config)}): {error:.1e}")
+        assert got.dtype == torch.float16 and error < 1e-3
     # float weights, one token: 16-bit ones with HALF_CONFIG's tiles (bf16 loads and casts are exact in the
     # interpreter; the products are float32), float32 with DEFAULT_CONFIG's; a pipelined plan and a K
     # narrower than the tile

@@ -248,14 +248,16 @@ def test_int8_linear_default_plan_matches_reference(n, k):
 # The whole-row preloading kernel (linear.PRELOAD_CONFIG, the attention's wo): Mixtral's wo on one GPU and
 # over 2 and 8 ranks, K not a multiple of the chunk, rows not a multiple of the program's, 1- and 2-row
 # programs; float32 and bfloat16 activations
-@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 2048), (4096, 512), (2051, 1000), (37, 100)])
-@pytest.mark.parametrize("rows_a_program", [4, 2, 1])
-@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_preloaded_int8_linear_matches_reference(n, k, rows_a_program, dtype, bound):
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 2048), (4096, 512), (2051, 1000), (37, 100), (100, 3000)])
+@pytest.mark.parametrize("rows_a_program,mma", [(4, False), (2, False), (1, False), (4, True)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+def test_preloaded_int8_linear_matches_reference(n, k, rows_a_program, mma, dtype, bound):
+    """mma: 16-bit x on tensor cores (_preloaded_mma_kernel: 1, 2 or 4 slices by k), float32 x on the CUDA
+    cores as without it."""
     generator = torch.Generator(device="cuda").manual_seed(n + k)
     x = torch.randn(1, k, device="cuda", generator=generator).to(dtype)
     weight, scales = quantize_per_channel(torch.randn(n, k, device="cuda", generator=generator))
-    config = dataclasses.replace(PRELOAD_CONFIG, gemv_preload_rows=rows_a_program)
+    config = dataclasses.replace(PRELOAD_CONFIG, gemv_preload_rows=rows_a_program, gemv_preload_mma=mma)
     assert preloaded(k, True, config)
     got = int8_linear(x, weight, scales, config)
     assert got.dtype == dtype and got.shape == (1, n)

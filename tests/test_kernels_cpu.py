@@ -133,8 +133,9 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def test_preloaded_linear_issues_every_weight_load_before_its_wait() -> None:
-    """PRELOAD_CONFIG at Mixtral's wo (K 4096): the 4 rows x 4096 int8 of a one-warp program are 32 16-byte
-    loads a thread, all before griddepcontrol.wait (after it only x's), in registers without spilling."""
+    """PRELOAD_CONFIG's CUDA-core kernel (float32 x, or gemv_preload_mma off) at Mixtral's wo (K 4096): the 4
+    rows x 4096 int8 of a one-warp program are 32 16-byte loads a thread, all before griddepcontrol.wait
+    (after it only x's), in registers without spilling."""
     config = linear.PRELOAD_CONFIG
     compiled = compile_for_hopper(linear._preloaded_gemv_kernel,
                                   ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32"],
@@ -147,6 +148,28 @@ def test_preloaded_linear_issues_every_weight_load_before_its_wait() -> None:
     weight_loads = config.gemv_preload_rows * 4096 // (32 * config.gemv_preload_warps * 16)
     assert ptx[:wait].count("ld.global.v4.b32") >= weight_loads
     assert ptx[wait:].count("ld.global") <= 4096 * 2 // (32 * config.gemv_preload_warps * 16)  # x, bf16
+    usage = resource_usage(compiled.asm["cubin"])
+    assert usage["LOCAL"] == 0 and usage["REG"] <= 255, usage
+
+
+@pytest.mark.parametrize("k", [4096, 2048, 1024])  # Mixtral's wo, and its shards over 2 and 4 ranks
+def test_preloaded_mma_linear_issues_every_weight_load_before_its_wait(k: int) -> None:
+    """PRELOAD_CONFIG's tensor-core kernel (16-bit x): each warp's 16 rows x up to 1024 int8 columns are 32
+    16-byte loads a thread, all before griddepcontrol.wait; after it only x's loads (8-byte) and the
+    tensor-core products, in registers without spilling."""
+    config = linear.PRELOAD_CONFIG
+    assert config.gemv_preload_mma and linear.preloaded(k, True, config)
+    split, block_k, chunks = linear.preload_mma_plan(k, config)
+    assert split * chunks * block_k >= k and split * config.gemv_preload_mma_slice >= k
+    compiled = compile_for_hopper(linear._preloaded_mma_kernel, ["*bf16", "*i8", "*bf16", "*bf16", "i32", "i32", "i32"],
+                                  dict(BLOCK_N=linear.MMA_ROWS, SPLIT=split, BLOCK_K=block_k, CHUNKS=chunks, PDL=True),
+                                  num_warps=split, num_stages=1)
+    ptx = compiled.asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert ptx.index("griddepcontrol.launch_dependents") < wait
+    assert ptx[:wait].count("ld.global.v4.b32") >= linear.MMA_ROWS * k // (32 * split * 16)
+    assert "mma.sync" in ptx[wait:] and "mma.sync" not in ptx[:wait]
+    assert 0 < ptx[wait:].count("ld.global") <= k * 2 // (32 * split * 8)  # x, bf16
     usage = resource_usage(compiled.asm["cubin"])
     assert usage["LOCAL"] == 0 and usage["REG"] <= 255, usage
 

@@ -174,6 +174,39 @@ if triton is not None:
             acc += tl.sum(dequant(tiles[c], tl.float32, MAGIC) * x[None, :], axis=1)
         tl.store(y_ptr + offs_n, (acc * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
 
+    @triton.jit
+    def _preloaded_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr,
+                              SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr,
+                              PDL: tl.constexpr = False):
+        """_preloaded_gemv_kernel on tensor cores, for 16-bit x: a program holds BLOCK_N (16, a tensor-core
+        tile's rows) rows of the int8 weight, in SPLIT slices of CHUNKS * BLOCK_K columns (one warp each),
+        all loaded before the PDL wait. After it, each chunk is converted to x's dtype (exact for int8) and
+        multiplied by x broadcast to the 16 columns of a tensor-core tile (a batched dot over the slices:
+        every column of the products holds the same sums, products exact, sums in float32); the slices'
+        sums meet once, at the end. After the wait a thread runs about half the instructions of the
+        CUDA-core kernel (Mixtral's wo: ~1,400 against ~2,600 SASS; the conversions stay, the products and
+        the sums across threads go to the tensor cores), but each chunk's x passes through shared memory
+        into the tensor cores' layout: fewer, longer chunks (LinearConfig.gemv_preload_mma_block_k)."""
+        pdl_release(PDL)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        w_rows = w_ptr + offs_n[None, :, None].to(tl.int64) * stride_wn
+        slice_start = tl.arange(0, SPLIT) * (CHUNKS * BLOCK_K)
+        tiles = ()
+        for c in tl.static_range(CHUNKS):
+            offs_k = slice_start[:, None, None] + c * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+            tiles = tiles + (tl.load(w_rows + offs_k, mask=mask_n[None, :, None] & (offs_k < K), other=0),)
+        scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
+        acc = tl.zeros((SPLIT, BLOCK_N, 16), dtype=tl.float32)
+        for c in tl.static_range(CHUNKS):
+            offs_k = slice_start[:, None] + c * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
+            acc = tl.dot(tiles[c].to(x.dtype), tl.broadcast_to(x[:, :, None], (SPLIT, BLOCK_K, 16)), acc)
+        # the 16 columns are equal: their max is each one exactly (a sum of them would round)
+        y = tl.sum(tl.max(acc, axis=2), axis=0)
+        tl.store(y_ptr + offs_n, (y * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
+
 
 @dataclass(frozen=True)
 class LinearConfig:
@@ -231,6 +264,13 @@ class LinearConfig:
     gemv_preload_warps: int = 1
     gemv_preload_block_k: int = 1024
     gemv_preload_max_chunks: int = 4
+    # True: with 16-bit activations the preloading kernel runs on tensor cores (_preloaded_mma_kernel): 16
+    # rows a program, one warp per slice of at most gemv_preload_mma_slice columns (16 KB of int8 a warp,
+    # as the CUDA-core kernel's 4 x 4096), in chunks of gemv_preload_mma_block_k. Float32 activations keep
+    # the CUDA-core kernel. Measured in PRELOAD_CONFIG's comment.
+    gemv_preload_mma: bool = False
+    gemv_preload_mma_block_k: int = 256
+    gemv_preload_mma_slice: int = 1024
     tile_block_n: int = 32
     tile_block_k: int = 256
     tile_warps: int = 4
@@ -271,7 +311,12 @@ HALF_CONFIG = LinearConfig(gemv_block_n=2, gemv_block_k=2048, gemv_pipelined_blo
 # batch 1, one H200, three calls 254.3 / 259.7 / 256.1 + 254.5 tok/s against 251.5 + 251.7 / 256.8 / 254.3
 # + 254.1 without (scripts/benchmark.py --no-wo-preload); tp2 391.2 against 391.0 (results/*_s18*). With
 # the attention's later release (session 19, one call): 268.6 against 264.9 without the preload.
-PRELOAD_CONFIG = LinearConfig(gemv_preload_rows=4, gemv_preload_warps=1)
+# On tensor cores (gemv_preload_mma, session 39): H200, int8 Mixtral-8x7B batch 1 (scripts/benchmark.py,
+# alternating processes, benchmarks/results/h200_s39_wo_mma.log): an uncapped board 281.1 / 281.6 tok/s
+# against 278.1 / 278.7 on CUDA cores; a capped one (three rounds) medians 267.3 / 267.3 / 267.4 with
+# 256-column chunks, 266.8 / 266.7 / 268.3 with 512, against 265.3 / 264.5 / 265.8. 128-column chunks were
+# no better than CUDA cores, 1024 (64 KB of shared memory a program, which slowed gate_up) 5% worse.
+PRELOAD_CONFIG = LinearConfig(gemv_preload_rows=4, gemv_preload_warps=1, gemv_preload_mma=True)
 
 
 def gemv_tile(k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[int, int]:
@@ -297,6 +342,18 @@ def preloaded(k: int, scaled: bool, config: LinearConfig = DEFAULT_CONFIG) -> bo
     (LinearConfig.gemv_preload_rows): int8 weights only."""
     c = config
     return scaled and c.gemv_preload_rows > 0 and k <= c.gemv_preload_block_k * c.gemv_preload_max_chunks
+
+
+# Rows of a tensor-core program (_preloaded_mma_kernel): the 16 of one tile.
+MMA_ROWS = 16
+
+
+def preload_mma_plan(k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[int, int, int]:
+    """(slices = warps, chunk columns, chunks a slice) of _preloaded_mma_kernel for k columns: the fewest
+    slices (a power of two) of at most gemv_preload_mma_slice columns each."""
+    c = config
+    split = triton.next_power_of_2(triton.cdiv(k, c.gemv_preload_mma_slice))
+    return split, c.gemv_preload_mma_block_k, triton.cdiv(triton.cdiv(k, split), c.gemv_preload_mma_block_k)
 
 
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, config: LinearConfig = DEFAULT_CONFIG) -> Tensor:
@@ -328,6 +385,12 @@ def _linear(x: Tensor, weight: Tensor, scales: Tensor | None, config: LinearConf
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     c = config
     use_pdl = pdl.active(x)
+    if rows == 1 and preloaded(k, scales is not None, c) and c.gemv_preload_mma and x.element_size() == 2:
+        split, block_k, chunks = preload_mma_plan(k, c)
+        _preloaded_mma_kernel[(triton.cdiv(n, MMA_ROWS),)](
+            x2, weight, scales, y, n, k, weight.stride(0), BLOCK_N=MMA_ROWS, SPLIT=split, BLOCK_K=block_k,
+            CHUNKS=chunks, PDL=use_pdl, num_warps=split, num_stages=1, **pdl.launch_options(use_pdl))
+        return y.view(*shape[:-1], n)
     if rows == 1 and preloaded(k, scales is not None, c):
         block_n = c.gemv_preload_rows
         _preloaded_gemv_kernel[(triton.cdiv(n, block_n),)](
