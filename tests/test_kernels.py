@@ -247,7 +247,7 @@ def test_int8_linear_default_plan_matches_reference(n, k):
 
 # The whole-row preloading kernel (linear.PRELOAD_CONFIG, the attention's wo): Mixtral's wo on one GPU and
 # over 2 and 8 ranks, K not a multiple of the chunk, rows not a multiple of the program's, 1- and 2-row
-# programs; float32 and bfloat16 activations
+# programs; float32, bfloat16 and float16 activations, the 16-bit ones also on tensor cores
 @pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 2048), (4096, 512), (2051, 1000), (37, 100), (100, 3000)])
 @pytest.mark.parametrize("rows_a_program,mma", [(4, False), (2, False), (1, False), (4, True)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
