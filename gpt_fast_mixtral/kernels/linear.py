@@ -385,18 +385,18 @@ def _linear(x: Tensor, weight: Tensor, scales: Tensor | None, config: LinearConf
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     c = config
     use_pdl = pdl.active(x)
-    if rows == 1 and preloaded(k, scales is not None, c) and c.gemv_preload_mma and x.element_size() == 2:
-        split, block_k, chunks = preload_mma_plan(k, c)
-        _preloaded_mma_kernel[(triton.cdiv(n, MMA_ROWS),)](
-            x2, weight, scales, y, n, k, weight.stride(0), BLOCK_N=MMA_ROWS, SPLIT=split, BLOCK_K=block_k,
-            CHUNKS=chunks, PDL=use_pdl, num_warps=split, num_stages=1, **pdl.launch_options(use_pdl))
-        return y.view(*shape[:-1], n)
     if rows == 1 and preloaded(k, scales is not None, c):
-        block_n = c.gemv_preload_rows
-        _preloaded_gemv_kernel[(triton.cdiv(n, block_n),)](
-            x2, weight, scales, y, n, k, weight.stride(0), MAGIC=c.int8_magic, BLOCK_N=block_n,
-            BLOCK_K=c.gemv_preload_block_k, CHUNKS=triton.cdiv(k, c.gemv_preload_block_k), PDL=use_pdl,
-            num_warps=c.gemv_preload_warps, num_stages=1, **pdl.launch_options(use_pdl))
+        if c.gemv_preload_mma and x.element_size() == 2:  # 16-bit x: on tensor cores
+            split, block_k, chunks = preload_mma_plan(k, c)
+            _preloaded_mma_kernel[(triton.cdiv(n, MMA_ROWS),)](
+                x2, weight, scales, y, n, k, weight.stride(0), BLOCK_N=MMA_ROWS, SPLIT=split, BLOCK_K=block_k,
+                CHUNKS=chunks, PDL=use_pdl, num_warps=split, num_stages=1, **pdl.launch_options(use_pdl))
+        else:
+            block_n = c.gemv_preload_rows
+            _preloaded_gemv_kernel[(triton.cdiv(n, block_n),)](
+                x2, weight, scales, y, n, k, weight.stride(0), MAGIC=c.int8_magic, BLOCK_N=block_n,
+                BLOCK_K=c.gemv_preload_block_k, CHUNKS=triton.cdiv(k, c.gemv_preload_block_k), PDL=use_pdl,
+                num_warps=c.gemv_preload_warps, num_stages=1, **pdl.launch_options(use_pdl))
         return y.view(*shape[:-1], n)
     persistent = False
     loop_stages = 1
