@@ -294,13 +294,37 @@ def test_greedy_state_kernel_compiles_with_the_position_read_before_the_wait() -
     assert ptx[wait:].count("ld.global") >= 1
 
 
+def test_router_single_pass_takes_as_few_warps_as_its_weights_allow() -> None:
+    assert router.single_pass_warps(4096, 8, 2) == 8  # Mixtral, bfloat16: 256 bytes a thread
+    assert router.single_pass_warps(4096, 8, 4) == 16
+    assert router.single_pass_warps(4096, 16, 4) == 16  # capped (512 bytes a thread)
+    assert router.single_pass_warps(6144, 8, 2) == 16  # D rounded up to 8192
+    assert router.single_pass_warps(1024, 5, 2) == 2  # E rounded up to 8
+    assert router.single_pass_warps(64, 2, 2) == 1
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_router_single_pass_keeps_its_weights_in_registers(dtype: str) -> None:
+    """At the warps it is launched with, Mixtral's router (gate weights [8, 4096] in the activation dtype)
+    loads its weights before the wait and holds them without spilling."""
+    warps = router.single_pass_warps(4096, 8, 2 if dtype == "bf16" else 4)
+    compiled = compile_for_hopper(router._residual_norm_route_kernel,
+                                  [f"*{dtype}"] * 6 + [f"*{dtype}", "*i64", "i32", "i32", "fp32"] + ["i32"] * 5,
+                                  dict(TOP_K=2, BLOCK_K=2, BLOCK_D=4096, BLOCK_E=8, SINGLE_PASS=True, PDL=True),
+                                  num_warps=warps)
+    ptx = compiled.asm["ptx"]
+    assert_pdl(ptx)
+    wait = ptx.index("griddepcontrol.wait")
+    assert ptx[:wait].count("ld.global") >= 2 and ptx[wait:].count("ld.global") >= 2  # weights; x and delta
+    usage = resource_usage(compiled.asm["cubin"])
+    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, usage
+
+
 def test_decode_kernels_compile() -> None:
-    for single_pass, block_d, warps in ((False, 1024, 4), (True, 4096, 16)):
-        compile_for_hopper(router._residual_norm_route_kernel,
-                           ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i64", "i32", "i32",
-                            "fp32", "i32", "i32", "i32", "i32", "i32"],
-                           dict(TOP_K=2, BLOCK_K=2, BLOCK_D=block_d, BLOCK_E=8, SINGLE_PASS=single_pass,
-                                PDL=single_pass), num_warps=warps)
+    compile_for_hopper(router._residual_norm_route_kernel,
+                       ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "*fp32", "*i64", "i32", "i32",
+                        "fp32", "i32", "i32", "i32", "i32", "i32"],
+                       dict(TOP_K=2, BLOCK_K=2, BLOCK_D=1024, BLOCK_E=8, SINGLE_PASS=False), num_warps=4)
     compile_for_hopper(attention._rope_rows_kernel, ["*bf16", "*fp32", "*fp32", "*bf16", "i32", "i32", "i32", "i32",
                                                      "i32", "i32", "i32", "i32"], dict(BLOCK_H=4, BLOCK_HALF=64))
     for rope, release_late in ((False, False), (True, False), (True, True)):
@@ -310,7 +334,7 @@ def test_decode_kernels_compile() -> None:
                                       dict(GROUP=4, BLOCK_G=16, BLOCK_S=64, BLOCK_HALF=64, SPLITS=32, BLOCK_GC=4,
                                            COMBINE=16, MIN_CHUNK=128, SINGLE_SPAN=192,
                                            SCALE=128 ** -0.5, PRECISION="tf32", ROPE=rope, PDL=rope,
-                                           RELEASE_AFTER_FIRST_TILE=release_late), num_stages=2)
+                                           RELEASE_AFTER_FIRST_TILE=release_late, PREFETCH=rope), num_stages=2)
         if rope:
             ptx = compiled.asm["ptx"]
             release = ptx.index("griddepcontrol.launch_dependents")
@@ -318,6 +342,9 @@ def test_decode_kernels_compile() -> None:
             # late: after the wait and after the first tile's scores (the keys' tensor-core product)
             wait = ptx.index("griddepcontrol.wait")
             assert (release > wait) == release_late
+            # the chunk's cached keys and values past the first tile asked of L2 before the wait, none after
+            assert "prefetch.global.L2" in ptx[:wait] and "prefetch.global.L2" not in ptx[wait:]
+            assert resource_usage(compiled.asm["cubin"])["LOCAL"] == 0
             assert (release > ptx.index("mma.sync")) == release_late
             # The first tile of cached keys and values (two halves each of 64 x 64 bfloat16: 16 16-byte
             # loads a thread) is loaded before the wait, and no product is taken before it.

@@ -24,7 +24,7 @@ triton = moe.triton
 if triton is not None:
     import triton.language as tl
 
-    from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait
+    from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait, prefetch_l2_rows
 
 
 def available(x: Tensor) -> bool:
@@ -109,7 +109,8 @@ if triton is not None:
             SPLITS: tl.constexpr, BLOCK_GC: tl.constexpr, COMBINE: tl.constexpr, MIN_CHUNK: tl.constexpr,
             SINGLE_SPAN: tl.constexpr,
             SCALE: tl.constexpr, PRECISION: tl.constexpr,
-            ROPE: tl.constexpr, PDL: tl.constexpr = False, RELEASE_AFTER_FIRST_TILE: tl.constexpr = False):
+            ROPE: tl.constexpr, PDL: tl.constexpr = False, RELEASE_AFTER_FIRST_TILE: tl.constexpr = False,
+            PREFETCH: tl.constexpr = False):
         """Program (row b, kv head, split): the GROUP query heads sharing the kv head attend to one chunk
         of the row's filled slots [start, length). The chunk length is chosen per row from its length
         (>= MIN_CHUNK, at most SPLITS chunks; a row of at most SINGLE_SPAN slots is one chunk), so a short
@@ -126,6 +127,9 @@ if triton is not None:
         rows) before it waits for the projection: they come from earlier steps, not from that kernel.
         Otherwise q_ptr holds the rotated queries [B, Hq, head_dim] and len_ptr the lengths, and the
         program waits first.
+        PREFETCH (with ROPE and PDL): before the wait, the program also asks L2 for the rest of its chunk's
+        cached keys and values, which the loop after the first tile would otherwise fetch from memory one tile
+        ahead.
         PDL: launched with programmatic dependent launch (kernels.pdl); RELEASE_AFTER_FIRST_TILE: the next
         kernel (the output projection) is let in only once this program has attended to its first tile of
         cached keys, not first thing: that kernel issues its whole weight's loads before its own wait
@@ -175,6 +179,11 @@ if triton is not None:
                 cos = tl.load(cos_ptr + position * stride_cos_p + offs_h * stride_cos_d, mask=mask_h, other=0.0)
                 sin = tl.load(sin_ptr + position * stride_sin_p + offs_h * stride_sin_d, mask=mask_h, other=0.0)
                 cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+                if PREFETCH:  # slots [lo + BLOCK_S, cached_hi) of this kv head: one contiguous range each
+                    rest = kv_base + (lo + BLOCK_S).to(tl.int64) * stride_ks + tl.zeros((1,), dtype=tl.int64)
+                    rest_bytes = (cached_hi - lo - BLOCK_S) * stride_ks * k_ptr.dtype.element_ty.primitive_bitwidth // 8
+                    prefetch_l2_rows(k_ptr + rest, rest >= 0, rest_bytes, 128)
+                    prefetch_l2_rows(v_ptr + rest, rest >= 0, rest_bytes, 128)
                 # Only now the projection's output is needed. The cached slots read above come from earlier
                 # steps: some kernel in between waits before letting its successor in (the MoE's gate_up
                 # does), so those steps' writes are complete.
@@ -303,6 +312,16 @@ SINGLE_SPAN = 192
 # thread at 4 warps, less than the attention before it.
 COMBINE_SPLITS = 16
 
+# rope_cache_attention's programs ask L2 for their chunk's cached keys and values past the first tile before
+# they wait (_decode_attention_kernel's PREFETCH; False: the comparison's baseline). H200, Mixtral-8x7B's decode
+# attention alone, 32 layers chained in a CUDA graph (session 40, benchmarks/results/attention_micro_session40.py):
+# 5.09 / 5.13 us a call at positions 150 / 190 (three tiles) against 6.01 / 6.15, 6.00 against 6.33 at 200 (two
+# chunks), 6.11 / 6.42 against 6.60 / 6.79 at 500 / 1000, the same at one or two tiles. Loading the tiles three
+# stages ahead instead: 5.44 / 5.46 at 150 / 190, no better elsewhere. Only with PDL: launched by Inductor's own
+# launcher (the compiled step without PDL) the kernel with the prefetch hit an illegal address in
+# tests/test_gpu.py's float32 tiny model (session 40; not explained).
+PREFETCH_CHUNK = True
+
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window: int | None, n_heads: int,
             head_dim: int, counters: Tensor | None, rope: tuple[Tensor, Tensor] | None, block_s: int,
@@ -343,7 +362,8 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, window
         MIN_CHUNK=min_chunk, SINGLE_SPAN=single_span, SCALE=1.0 / math.sqrt(head_dim),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # bf16 operands ignore it
         ROPE=rope is not None, PDL=use_pdl, RELEASE_AFTER_FIRST_TILE=release_after_first_tile,
-        num_warps=4, num_stages=2, **pdl.launch_options(use_pdl))
+        PREFETCH=PREFETCH_CHUNK and rope is not None and use_pdl, num_warps=4, num_stages=2,
+        **pdl.launch_options(use_pdl))
     return out
 
 

@@ -33,6 +33,13 @@ except ImportError:  # CPU-only installs: the model keeps its PyTorch path
 # Router weight elements up to which one program holds the whole [E, D] tile in registers (16 warps:
 # 128 per thread at the limit).
 SINGLE_PASS_ELEMENTS = 1 << 16
+# Bytes of router weights a thread holds in the single pass, which takes as few warps as that allows (at
+# most 16): every warp runs the block reductions' last steps, the softmax and the top-k after the wait, so
+# warps beyond what the weights need add issue slots to the latency between wo and the experts. Mixtral's
+# [8, 4096] bfloat16 takes 8 warps (124 registers a thread). H200, int8 Mixtral-8x7B batch 1, alternating
+# processes of one call (session 40, benchmarks/results/h200_s40_router_attention.log): 281.8 / 282.0 tok/s
+# with 8 warps, 281.3 / 281.7 with 4 (512 bytes, 253 registers), 280.7 / 280.9 with 16 (128 bytes).
+SINGLE_PASS_THREAD_BYTES = 256
 
 
 def available(x: Tensor) -> bool:
@@ -42,6 +49,13 @@ def available(x: Tensor) -> bool:
 def single_pass(dim: int, num_experts: int) -> bool:
     """Whether one program holds a whole row and all the router weights [E, D] at once."""
     return max(2, triton.next_power_of_2(num_experts)) * triton.next_power_of_2(dim) <= SINGLE_PASS_ELEMENTS
+
+
+def single_pass_warps(dim: int, num_experts: int, element_size: int) -> int:
+    """Warps of the single pass over router weights [E, D] of element_size bytes (SINGLE_PASS_THREAD_BYTES a
+    thread, 1 to 16 warps)."""
+    tile_bytes = max(2, triton.next_power_of_2(num_experts)) * triton.next_power_of_2(dim) * element_size
+    return max(1, min(16, tile_bytes // (32 * SINGLE_PASS_THREAD_BYTES)))
 
 
 def reference_residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
@@ -190,7 +204,8 @@ def _residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: flo
             x, delta, norm_weight, gate_weight, h, normed, weights, ids, dim, num_experts, eps,
             x.stride(0), delta.stride(0), h.stride(0), normed.stride(0), gate_weight.stride(0),
             TOP_K=top_k, BLOCK_K=max(2, triton.next_power_of_2(top_k)),
-            BLOCK_D=block_d, BLOCK_E=block_e, SINGLE_PASS=single, PDL=use_pdl, num_warps=16 if single else 4,
+            BLOCK_D=block_d, BLOCK_E=block_e, SINGLE_PASS=single, PDL=use_pdl,
+            num_warps=single_pass_warps(dim, num_experts, gate_weight.element_size()) if single else 4,
             **pdl.launch_options(use_pdl))
     return h, normed, weights, ids
 
