@@ -317,9 +317,11 @@ COMBINE_SPLITS = 16
 # attention alone, 32 layers chained in a CUDA graph (session 40, benchmarks/results/attention_micro_session40.py):
 # 5.09 / 5.13 us a call at positions 150 / 190 (three tiles) against 6.01 / 6.15, 6.00 against 6.33 at 200 (two
 # chunks), 6.11 / 6.42 against 6.60 / 6.79 at 500 / 1000, the same at one or two tiles. Loading the tiles three
-# stages ahead instead: 5.44 / 5.46 at 150 / 190, no better elsewhere. Only with PDL: launched by Inductor's own
-# launcher (the compiled step without PDL) the kernel with the prefetch hit an illegal address in
-# tests/test_gpu.py's float32 tiny model (session 40; not explained).
+# stages ahead instead: 5.44 / 5.46 at 150 / 190, no better elsewhere. Only with PDL, where the kernel is launched
+# by its custom op: traced by torch.compile (the step without PDL), the prefetch's inline PTX (not pure) makes
+# torch's analysis of which arguments a user kernel writes give up and treat every tensor argument as written,
+# cos and sin too, two views of one table; that step then hit an illegal address in tests/test_gpu.py's float32
+# tiny model, at positions where the prefetch loop never ran (eager launches without PDL passed; session 40).
 PREFETCH_CHUNK = True
 
 
