@@ -46,16 +46,23 @@ def available(x: Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
+def _tile(dim: int, num_experts: int) -> tuple[int, int]:
+    """(BLOCK_E, BLOCK_D) holding router weights [E, D] whole: each rounded up to a power of two (E to 2 at
+    least)."""
+    return max(2, triton.next_power_of_2(num_experts)), triton.next_power_of_2(dim)
+
+
 def single_pass(dim: int, num_experts: int) -> bool:
     """Whether one program holds a whole row and all the router weights [E, D] at once."""
-    return max(2, triton.next_power_of_2(num_experts)) * triton.next_power_of_2(dim) <= SINGLE_PASS_ELEMENTS
+    block_e, block_d = _tile(dim, num_experts)
+    return block_e * block_d <= SINGLE_PASS_ELEMENTS
 
 
 def single_pass_warps(dim: int, num_experts: int, element_size: int) -> int:
     """Warps of the single pass over router weights [E, D] of element_size bytes (SINGLE_PASS_THREAD_BYTES a
     thread, 1 to 16 warps)."""
-    tile_bytes = max(2, triton.next_power_of_2(num_experts)) * triton.next_power_of_2(dim) * element_size
-    return max(1, min(16, tile_bytes // (32 * SINGLE_PASS_THREAD_BYTES)))
+    block_e, block_d = _tile(dim, num_experts)
+    return max(1, min(16, block_e * block_d * element_size // (32 * SINGLE_PASS_THREAD_BYTES)))
 
 
 def reference_residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: float, gate_weight: Tensor,
@@ -196,9 +203,10 @@ def _residual_norm_route(x: Tensor, delta: Tensor, norm_weight: Tensor, eps: flo
     h, normed, weights, ids = _outputs(x, top_k)
     if num_rows:
         # One pass over the row while the router weights fit in registers (Mixtral: 8 x 4096), else chunks.
-        block_e = max(2, triton.next_power_of_2(num_experts))
+        block_e, block_d = _tile(dim, num_experts)
         single = single_pass(dim, num_experts)
-        block_d = triton.next_power_of_2(dim) if single else min(1024, triton.next_power_of_2(dim))
+        if not single:
+            block_d = min(1024, block_d)
         use_pdl = pdl.active(x)
         _residual_norm_route_kernel[(num_rows,)](
             x, delta, norm_weight, gate_weight, h, normed, weights, ids, dim, num_experts, eps,
