@@ -251,17 +251,42 @@ def check_int8_linear() -> None:
         assert error < TOLERANCE
     # the preloading kernel on tensor cores (PRELOAD_CONFIG with 16-bit x): one slice, 2 and 4 slices with a
     # masked last chunk and rows not a multiple of 16, narrow slices (8 of 128 columns); float16 (the
-    # interpreter's bfloat16 dots are not exact), so the bound is float16's rounding of y
+    # interpreter's bfloat16 dots are not exact), so the bound is float16's rounding of y; on int8 tensor cores
+    # (PRELOAD_CONFIG's choice: x in 16-bit fixed point, the int8 products exact) bfloat16 too
     narrow = dataclasses.replace(linear.PRELOAD_CONFIG, gemv_preload_mma_slice=128, gemv_preload_mma_block_k=64)
     for n, k, config in [(40, 100, linear.PRELOAD_CONFIG), (37, 3000, linear.PRELOAD_CONFIG),
                          (50, 2048, linear.PRELOAD_CONFIG), (33, 1000, narrow)]:
-        generator = torch.Generator().manual_seed(n + k)
-        weight, scales = quantize_per_channel(torch.randn(n, k, generator=generator))
-        x = torch.randn(1, k, generator=generator).to(torch.float16)
-        got = linear.int8_linear(x, weight, scales, config)
-        error = relative_error(got, linear.reference_int8_linear(x, weight, scales))
-        print(f"int8 linear on tensor cores (1, {n}, {k}, plan {linear.preload_mma_plan(k, config)}): {error:.1e}")
-        assert got.dtype == torch.float16 and error < 1e-3
+        assert config.gemv_preload_imma
+        for imma, dtype, bound in [(False, torch.float16, 1e-3), (True, torch.float16, 1e-3),
+                                   (True, torch.bfloat16, 1e-2)]:
+            generator = torch.Generator().manual_seed(n + k)
+            weight, scales = quantize_per_channel(torch.randn(n, k, generator=generator))
+            x = torch.randn(1, k, generator=generator).to(dtype)
+            config = dataclasses.replace(config, gemv_preload_imma=imma)
+            got = linear.int8_linear(x, weight, scales, config)
+            error = relative_error(got, linear.reference_int8_linear(x, weight, scales))
+            print(f"int8 linear on {'int8' if imma else 'float16'} tensor cores (1, {n}, {k}, {dtype}, plan "
+                  f"{linear.preload_mma_plan(k, config)}): {error:.1e}")
+            assert got.dtype == dtype and error < bound
+    # int8 tensor cores: a slice of zeros gives zeros, a NaN or an infinity NaN rows (as the reference's NaN /
+    # infinite rows), and one element 1000 times the others' size still leaves y within bfloat16's rounding
+    generator = torch.Generator().manual_seed(7)
+    weight, scales = quantize_per_channel(torch.randn(20, 2048, generator=generator))
+    x = torch.randn(1, 2048, generator=generator)
+    x[0, 1024:] = 0.0  # the second slice
+    got = linear.int8_linear(x.to(torch.bfloat16), weight, scales, linear.PRELOAD_CONFIG)
+    assert relative_error(got, linear.reference_int8_linear(x.to(torch.bfloat16), weight, scales)) < 1e-2
+    for bad in (float("nan"), float("inf")):
+        x_bad = x.clone()
+        x_bad[0, 5] = bad
+        assert linear.int8_linear(x_bad.to(torch.float16), weight, scales, linear.PRELOAD_CONFIG).isnan().all()
+    x_outlier = x.clone()
+    x_outlier[0, 3] = 1000.0
+    x_outlier = x_outlier.to(torch.bfloat16)
+    error = relative_error(linear.int8_linear(x_outlier, weight, scales, linear.PRELOAD_CONFIG),
+                           linear.reference_int8_linear(x_outlier, weight, scales))
+    print(f"int8 tensor cores, x with an element 1000x the others: {error:.1e}")
+    assert error < 1e-2
     # float weights, one token: 16-bit ones with HALF_CONFIG's tiles (bf16 loads and casts are exact in the
     # interpreter; the products are float32), float32 with DEFAULT_CONFIG's; a pipelined plan and a K
     # narrower than the tile

@@ -249,19 +249,40 @@ def test_int8_linear_default_plan_matches_reference(n, k):
 # over 2 and 8 ranks, K not a multiple of the chunk, rows not a multiple of the program's, 1- and 2-row
 # programs; float32, bfloat16 and float16 activations, the 16-bit ones also on tensor cores
 @pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 2048), (4096, 512), (2051, 1000), (37, 100), (100, 3000)])
-@pytest.mark.parametrize("rows_a_program,mma", [(4, False), (2, False), (1, False), (4, True)])
+@pytest.mark.parametrize("rows_a_program,mma,imma", [(4, False, False), (2, False, False), (1, False, False),
+                                                     (4, True, False), (4, True, True)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
-def test_preloaded_int8_linear_matches_reference(n, k, rows_a_program, mma, dtype, bound):
-    """mma: 16-bit x on tensor cores (_preloaded_mma_kernel: 1, 2 or 4 slices by k), float32 x on the CUDA
-    cores as without it."""
+def test_preloaded_int8_linear_matches_reference(n, k, rows_a_program, mma, imma, dtype, bound):
+    """mma: 16-bit x on tensor cores (_preloaded_mma_kernel: 1, 2 or 4 slices by k; imma: on int8 tensor cores,
+    _preloaded_imma_kernel), float32 x on the CUDA cores as without it."""
     generator = torch.Generator(device="cuda").manual_seed(n + k)
     x = torch.randn(1, k, device="cuda", generator=generator).to(dtype)
     weight, scales = quantize_per_channel(torch.randn(n, k, device="cuda", generator=generator))
-    config = dataclasses.replace(PRELOAD_CONFIG, gemv_preload_rows=rows_a_program, gemv_preload_mma=mma)
+    config = dataclasses.replace(PRELOAD_CONFIG, gemv_preload_rows=rows_a_program, gemv_preload_mma=mma,
+                                 gemv_preload_imma=imma)
     assert preloaded(k, True, config)
     got = int8_linear(x, weight, scales, config)
     assert got.dtype == dtype and got.shape == (1, n)
     assert relative_error(got, reference_int8_linear(x, weight, scales)) < bound
+
+
+@pytest.mark.parametrize("k", [4096, 2048, 1000])
+def test_preloaded_int8_tensor_core_linear_edge_values(k):
+    """_preloaded_imma_kernel (x as a 16-bit fixed-point number per slice): a slice of zeros, an element 1000
+    times the others' size (y still within 16-bit rounding), and a NaN or an infinity (NaN rows)."""
+    assert PRELOAD_CONFIG.gemv_preload_imma
+    generator = torch.Generator(device="cuda").manual_seed(k)
+    weight, scales = quantize_per_channel(torch.randn(300, k, device="cuda", generator=generator))
+    x = torch.randn(1, k, device="cuda", generator=generator)
+    x[0, k // 2:] = 0.0
+    x[0, 3] = 1000.0
+    for dtype in (torch.bfloat16, torch.float16):
+        got = int8_linear(x.to(dtype), weight, scales, PRELOAD_CONFIG)
+        assert relative_error(got, reference_int8_linear(x.to(dtype), weight, scales)) < 1e-2
+    for bad in (float("nan"), float("inf")):
+        x_bad = x.clone()
+        x_bad[0, k - 1] = bad
+        assert int8_linear(x_bad.to(torch.bfloat16), weight, scales, PRELOAD_CONFIG).isnan().all()
 
 
 def test_int8_linear_layer_uses_the_kernel_for_decode_and_cublas_for_prefill():

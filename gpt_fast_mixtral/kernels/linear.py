@@ -7,6 +7,9 @@ dequantises int8 in registers (the conversion trick in kernels.moe.dequant) and 
 scale to the float32 sum. One token uses CUDA-core FMAs; 2 to 16 int8 tokens use one 16-row tensor-core
 tile. 16-bit weights take the kernel for one token only (`linear`): cuBLAS is as fast there, but a
 cuBLAS kernel cannot launch with PDL (kernels.pdl) and so breaks the decode step's chain twice a layer.
+The attention's output projection (PRELOAD_CONFIG) holds its whole weight in registers before its PDL wait
+and, for 16-bit x, multiplies it on int8 tensor cores with x as a 16-bit fixed-point number per slice of
+columns (_preloaded_imma_kernel: the one approximation there, far below the result's own rounding).
 `reference_int8_linear` is the plain PyTorch definition the int8 kernel is tested against.
 """
 
@@ -26,6 +29,9 @@ if triton is not None:
     from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait, prefetch_l2_rows
 
     dequant = moe.dequant
+    _PTX = tl.constexpr(pdl.INLINE_PTX)
+    # _preloaded_imma_kernel's largest fixed-point x: 127 * 256, so that its high int8 half stays in [-127, 127]
+    FIXED_MAX = tl.constexpr(32512.0)
 
 
 def available(x: Tensor) -> bool:
@@ -208,6 +214,73 @@ if triton is not None:
         tl.store(y_ptr + offs_n, (y * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
+    @triton.jit
+    def _max_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _kept_int8(v):
+        """v (int8) as computed here, in the layout it was computed in (a no-op of inline PTX, which the compiler
+        neither moves nor repeats). Without it Triton computes the values that feed a dot again in the tensor
+        cores' operand layout, where each thread holds every value of x several times over (x's fixed-point
+        split took 2,300 SASS instructions a thread instead of ~750)."""
+        if _PTX:
+            v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int8, is_pure=False, pack=4)
+        return v
+
+    @triton.jit
+    def _preloaded_imma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr,
+                               SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr,
+                               PDL: tl.constexpr = False):
+        """_preloaded_mma_kernel on int8 tensor cores: the weight is multiplied as loaded, with no conversion.
+        x (16-bit) becomes, per slice (a warp's columns), a 16-bit fixed-point number of step top / FIXED_MAX
+        (top: the slice's largest |x|), split into two int8 halves (x ~ step * (256 hi + lo)); each chunk is
+        two int8 products (hi and lo broadcast to the 16 columns of a tile) summed exactly in int32. The one
+        approximation is x's rounding to its step: at most top / 65024 an element, against bfloat16's
+        1 / 256 of each element's own size, so y's error stays far below the rounding of its 16-bit result
+        unless a slice's largest |x| is thousands of times its typical one. A slice with a NaN or an infinity
+        gives NaN rows. After the wait a thread runs ~750 SASS instructions against the bf16 products' ~1,400
+        (Mixtral's wo, Triton 3.9's sm_90 build): the int8-to-bf16 conversions were 1,170 of those."""
+        pdl_release(PDL)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        w_rows = w_ptr + offs_n[None, :, None].to(tl.int64) * stride_wn
+        slice_start = tl.arange(0, SPLIT) * (CHUNKS * BLOCK_K)
+        tiles = ()
+        for c in tl.static_range(CHUNKS):
+            offs_k = slice_start[:, None, None] + c * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+            tiles = tiles + (tl.load(w_rows + offs_k, mask=mask_n[None, :, None] & (offs_k < K), other=0),)
+        scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
+        xs = ()
+        top = tl.zeros((SPLIT,), dtype=tl.float32)
+        for c in tl.static_range(CHUNKS):
+            offs_k = slice_start[:, None] + c * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            top = _max_nan(top, tl.reduce(tl.abs(x), 1, _max_nan))
+            xs = xs + (x,)
+        finite = top < float("inf")  # False for NaN too
+        top = tl.where(finite & (top > 0), top, 1.0)
+        inv_step = FIXED_MAX / top
+        acc_hi = tl.zeros((SPLIT, BLOCK_N, 16), dtype=tl.int32)
+        acc_lo = tl.zeros((SPLIT, BLOCK_N, 16), dtype=tl.int32)
+        for c in tl.static_range(CHUNKS):
+            fixed = tl.floor(xs[c] * inv_step[:, None] + 0.5).to(tl.int32)  # |fixed| <= FIXED_MAX
+            hi = (fixed + 128) >> 8  # in [-127, 127]
+            lo = fixed - (hi << 8)  # in [-128, 127]
+            hi = _kept_int8(hi.to(tl.int8))
+            lo = _kept_int8(lo.to(tl.int8))
+            acc_hi = tl.dot(tiles[c], tl.broadcast_to(hi[:, :, None], (SPLIT, BLOCK_K, 16)), acc_hi,
+                            out_dtype=tl.int32)
+            acc_lo = tl.dot(tiles[c], tl.broadcast_to(lo[:, :, None], (SPLIT, BLOCK_K, 16)), acc_lo,
+                            out_dtype=tl.int32)
+        # the 16 columns hold equal sums: their max is each one
+        sums = tl.max(acc_hi, axis=2).to(tl.float32) * 256.0 + tl.max(acc_lo, axis=2).to(tl.float32)
+        sums = tl.where(finite[:, None], sums * (top / FIXED_MAX)[:, None], float("nan"))
+        y = tl.sum(sums, axis=0)
+        tl.store(y_ptr + offs_n, (y * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
 @dataclass(frozen=True)
 class LinearConfig:
     """Tiles for one token (CUDA-core FMAs) and for 2..16 tokens (one 16-row tensor-core tile)."""
@@ -271,6 +344,10 @@ class LinearConfig:
     gemv_preload_mma: bool = False
     gemv_preload_mma_block_k: int = 256
     gemv_preload_mma_slice: int = 1024
+    # True (with gemv_preload_mma): the products on int8 tensor cores, x as a 16-bit fixed-point number in two
+    # int8 halves (_preloaded_imma_kernel), which needs no conversion of the weight. Measured in
+    # PRELOAD_CONFIG's comment.
+    gemv_preload_imma: bool = False
     tile_block_n: int = 32
     tile_block_k: int = 256
     tile_warps: int = 4
@@ -316,7 +393,10 @@ HALF_CONFIG = LinearConfig(gemv_block_n=2, gemv_block_k=2048, gemv_pipelined_blo
 # against 278.1 / 278.7 on CUDA cores; a capped one (three rounds) medians 267.3 / 267.3 / 267.4 with
 # 256-column chunks, 266.8 / 266.7 / 268.3 with 512, against 265.3 / 264.5 / 265.8. 128-column chunks were
 # no better than CUDA cores, 1024 (64 KB of shared memory a program, which slowed gate_up) 5% worse.
-PRELOAD_CONFIG = LinearConfig(gemv_preload_rows=4, gemv_preload_warps=1, gemv_preload_mma=True)
+# On int8 tensor cores (gemv_preload_imma, session 41: no conversion of the weight after the wait, ~750 SASS
+# instructions a thread there against ~1,400): an uncapped H200 286.2 / 285.7 tok/s against 283.1 / 282.9 on
+# bf16 tensor cores, alternating processes in one call (benchmarks/results/h200_s41_wo_imma.log).
+PRELOAD_CONFIG = LinearConfig(gemv_preload_rows=4, gemv_preload_warps=1, gemv_preload_mma=True, gemv_preload_imma=True)
 
 
 def gemv_tile(k: int, config: LinearConfig = DEFAULT_CONFIG) -> tuple[int, int]:
@@ -388,7 +468,8 @@ def _linear(x: Tensor, weight: Tensor, scales: Tensor | None, config: LinearConf
     if rows == 1 and preloaded(k, scales is not None, c):
         if c.gemv_preload_mma and x.element_size() == 2:  # 16-bit x: on tensor cores
             split, block_k, chunks = preload_mma_plan(k, c)
-            _preloaded_mma_kernel[(triton.cdiv(n, MMA_ROWS),)](
+            kernel = _preloaded_imma_kernel if c.gemv_preload_imma else _preloaded_mma_kernel
+            kernel[(triton.cdiv(n, MMA_ROWS),)](
                 x2, weight, scales, y, n, k, weight.stride(0), BLOCK_N=MMA_ROWS, SPLIT=split, BLOCK_K=block_k,
                 CHUNKS=chunks, PDL=use_pdl, num_warps=split, num_stages=1, **pdl.launch_options(use_pdl))
         else:
