@@ -118,16 +118,20 @@ def test_prefill_moe_helper_kernels_compile() -> None:
                        dict(TOP_K=2, BLOCK=1024))
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """ptxas' resource use of a cubin ({"REG": ..., "LOCAL": ..., ...}) by the cuobjdump of Triton's wheel."""
+def cuobjdump(cubin: bytes, option: str) -> str:
+    """The output of the cuobjdump of Triton's wheel with `option` for a cubin (skips the test without one)."""
     tool = next(Path(triton.__file__).parent.glob("backends/nvidia/bin/cuobjdump"), None)
     if tool is None:
         pytest.skip("no cuobjdump in this Triton")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        out = subprocess.run([str(tool), "--dump-resource-usage", file.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([str(tool), option, file.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """ptxas' resource use of a cubin ({"REG": ..., "LOCAL": ..., ...})."""
+    out = cuobjdump(cubin, "--dump-resource-usage")
     line = next(line for line in out.splitlines() if "REG:" in line)
     return {key: int(value) for key, value in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
 
@@ -153,15 +157,8 @@ def test_preloaded_linear_issues_every_weight_load_before_its_wait() -> None:
 
 
 def sass_after_wait(cubin: bytes) -> list[str]:
-    """The SASS instructions (opcodes with modifiers) from griddepcontrol.wait (ACQBULK) on, by the cuobjdump of
-    Triton's wheel."""
-    tool = next(Path(triton.__file__).parent.glob("backends/nvidia/bin/cuobjdump"), None)
-    if tool is None:
-        pytest.skip("no cuobjdump in this Triton")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
-        file.write(cubin)
-        file.flush()
-        out = subprocess.run([str(tool), "-sass", file.name], capture_output=True, text=True, check=True).stdout
+    """The SASS instructions (opcodes with modifiers) from griddepcontrol.wait (ACQBULK) on."""
+    out = cuobjdump(cubin, "-sass")
     ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", out)
     return ops[next(index for index, op in enumerate(ops) if op.startswith("ACQBULK")):]
 

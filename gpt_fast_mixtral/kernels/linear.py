@@ -181,6 +181,26 @@ if triton is not None:
         tl.store(y_ptr + offs_n, (acc * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
+    def _preload_slices(w_ptr, s_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                        BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr):
+        """The tensor-core kernels' start: release the next kernel, load the program's BLOCK_N rows of the int8
+        weight as CHUNKS tiles [SPLIT, BLOCK_N, BLOCK_K] (tile c: columns slice_start + c * BLOCK_K + [0,
+        BLOCK_K) of each slice; zeros past K and for masked rows) and their scales, then wait. Returns (offs_n,
+        mask_n, slice_start, tiles, scales)."""
+        pdl_release(PDL)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        slice_start = tl.arange(0, SPLIT) * (CHUNKS * BLOCK_K)
+        w_rows = w_ptr + offs_n[None, :, None].to(tl.int64) * stride_wn
+        tiles = ()
+        for c in tl.static_range(CHUNKS):
+            offs_k = slice_start[:, None, None] + c * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+            tiles = tiles + (tl.load(w_rows + offs_k, mask=mask_n[None, :, None] & (offs_k < K), other=0),)
+        scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
+        return offs_n, mask_n, slice_start, tiles, scales
+
+    @triton.jit
     def _preloaded_mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr,
                               SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr,
                               PDL: tl.constexpr = False):
@@ -193,17 +213,8 @@ if triton is not None:
         CUDA-core kernel (Mixtral's wo: ~1,400 against ~2,600 SASS; the conversions stay, the products and
         the sums across threads go to the tensor cores), but each chunk's x passes through shared memory
         into the tensor cores' layout: fewer, longer chunks (LinearConfig.gemv_preload_mma_block_k)."""
-        pdl_release(PDL)
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        w_rows = w_ptr + offs_n[None, :, None].to(tl.int64) * stride_wn
-        slice_start = tl.arange(0, SPLIT) * (CHUNKS * BLOCK_K)
-        tiles = ()
-        for c in tl.static_range(CHUNKS):
-            offs_k = slice_start[:, None, None] + c * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
-            tiles = tiles + (tl.load(w_rows + offs_k, mask=mask_n[None, :, None] & (offs_k < K), other=0),)
-        scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        pdl_wait(PDL)
+        offs_n, mask_n, slice_start, tiles, scales = _preload_slices(w_ptr, s_ptr, N, K, stride_wn, BLOCK_N, SPLIT,
+                                                                     BLOCK_K, CHUNKS, PDL)
         acc = tl.zeros((SPLIT, BLOCK_N, 16), dtype=tl.float32)
         for c in tl.static_range(CHUNKS):
             offs_k = slice_start[:, None] + c * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
@@ -212,7 +223,6 @@ if triton is not None:
         # the 16 columns are equal: their max is each one exactly (a sum of them would round)
         y = tl.sum(tl.max(acc, axis=2), axis=0)
         tl.store(y_ptr + offs_n, (y * scales).to(y_ptr.dtype.element_ty), mask=mask_n)
-
 
     @triton.jit
     def _max_nan(a, b):
@@ -241,17 +251,8 @@ if triton is not None:
         unless a slice's largest |x| is thousands of times its typical one. A slice with a NaN or an infinity
         gives NaN rows. After the wait a thread runs ~750 SASS instructions against the bf16 products' ~1,400
         (Mixtral's wo, Triton 3.9's sm_90 build): the int8-to-bf16 conversions were 1,170 of those."""
-        pdl_release(PDL)
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        w_rows = w_ptr + offs_n[None, :, None].to(tl.int64) * stride_wn
-        slice_start = tl.arange(0, SPLIT) * (CHUNKS * BLOCK_K)
-        tiles = ()
-        for c in tl.static_range(CHUNKS):
-            offs_k = slice_start[:, None, None] + c * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
-            tiles = tiles + (tl.load(w_rows + offs_k, mask=mask_n[None, :, None] & (offs_k < K), other=0),)
-        scales = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        pdl_wait(PDL)
+        offs_n, mask_n, slice_start, tiles, scales = _preload_slices(w_ptr, s_ptr, N, K, stride_wn, BLOCK_N, SPLIT,
+                                                                     BLOCK_K, CHUNKS, PDL)
         xs = ()
         top = tl.zeros((SPLIT,), dtype=tl.float32)
         for c in tl.static_range(CHUNKS):
