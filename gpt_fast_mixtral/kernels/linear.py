@@ -26,10 +26,9 @@ triton = moe.triton
 if triton is not None:
     import triton.language as tl
 
-    from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait, prefetch_l2_rows
+    from gpt_fast_mixtral.kernels.pdl import GPU_PTX, pdl_release, pdl_wait, prefetch_l2_rows
 
     dequant = moe.dequant
-    _PTX = tl.constexpr(pdl.INLINE_PTX)
     # _preloaded_imma_kernel's largest fixed-point x: 127 * 256, so that its high int8 half stays in [-127, 127]
     FIXED_MAX = tl.constexpr(32512.0)
 
@@ -234,7 +233,7 @@ if triton is not None:
         neither moves nor repeats). Without it Triton computes the values that feed a dot again in the tensor
         cores' operand layout, where each thread holds every value of x several times over (x's fixed-point
         split took 2,300 SASS instructions a thread instead of ~750)."""
-        if _PTX:
+        if GPU_PTX:
             v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int8, is_pure=False, pack=4)
         return v
 

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gpt_fast_mixtral.kernels import pdl
-from gpt_fast_mixtral.kernels.pdl import INLINE_PTX
 
 try:
     import triton
@@ -54,10 +53,8 @@ def reference_moe(x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, routing_weights
 
 if triton is not None:
     # By name: Inductor compiles user kernels from their source and resolves plain global names only.
-    from gpt_fast_mixtral.kernels.pdl import pdl_release, pdl_wait, prefetch_l2_rows
+    from gpt_fast_mixtral.kernels.pdl import GPU_PTX, pdl_release, pdl_wait, prefetch_l2_rows
     from gpt_fast_mixtral.kernels.router import normed_row, rms_rstd, rstd_of_squares
-
-    _INLINE_PTX = tl.constexpr(INLINE_PTX)
 
     @triton.jit
     def int8_to_fp16(w):
@@ -94,18 +91,18 @@ if triton is not None:
         (benchmarks/sweep_moe.py): matrix-vector experts 135 -> 121 us per layer; for bfloat16 tiles
         the same trick (taking the top half of that float32) was slower than the plain conversion. On an
         NVIDIA GPU the float32 case runs as int8_to_fp32's PTX (fewer instructions for the same values)."""
-        if MAGIC and w.dtype == tl.int8 and dtype == tl.float32 and _INLINE_PTX:
+        if MAGIC and w.dtype == tl.int8 and dtype == tl.float32 and GPU_PTX:
             return int8_to_fp32(w)
         if MAGIC and w.dtype == tl.int8 and dtype == tl.float32:
             return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        if MAGIC and w.dtype == tl.int8 and dtype == tl.float16 and _INLINE_PTX:
+        if MAGIC and w.dtype == tl.int8 and dtype == tl.float16 and GPU_PTX:
             return int8_to_fp16(w)
         return w.to(dtype)
 
     @triton.jit
     def fma_f16x2(a, b, c):
         """a * b + c in float16, two elements per instruction (HFMA2) where inline PTX runs."""
-        if _INLINE_PTX:
+        if GPU_PTX:
             return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                              dtype=tl.float16, is_pure=True, pack=2)
         return a * b + c

@@ -107,18 +107,20 @@ def config_from_values(cls, values: list[int]):
 
 
 if triton is not None:
-    _GPU = tl.constexpr(INLINE_PTX)
+    # INLINE_PTX for kernels (import it by name: Inductor compiles user kernels from their source and resolves
+    # plain global names only)
+    GPU_PTX = tl.constexpr(INLINE_PTX)
 
     @triton.jit
     def pdl_release(PDL: tl.constexpr):
         """Let the next kernel's programs be scheduled (they block in their own `pdl_wait`)."""
-        if PDL and _GPU:
+        if PDL and GPU_PTX:
             gdc_launch_dependents()
 
     @triton.jit
     def pdl_wait(PDL: tl.constexpr):
         """Block until the kernel before has finished and its writes are visible."""
-        if PDL and _GPU:
+        if PDL and GPU_PTX:
             gdc_wait()
 
     @triton.jit
@@ -126,7 +128,7 @@ if triton is not None:
         """Ask L2 for nbytes from each of row_ptrs [R] (byte pointers; rows where mask is False skipped),
         a 128-byte line per element, LINES lines of each row per instruction round. The loads that
         follow then find the lines in L2 or on their way. A no-op in Triton's interpreter."""
-        if _GPU:
+        if GPU_PTX:
             row_ptrs = row_ptrs.to(tl.pointer_type(tl.int8), bitcast=True)
             for start in range(0, nbytes, LINES * 128):
                 cols = start + tl.arange(0, LINES) * 128
